@@ -1,0 +1,322 @@
+"""Decoder-only transformer (Llama-3.x / Qwen3) in Flax NNX, with the DiHAL split.
+
+Hidden-state index (DESIGN.md): h_0 is the embedding output, h_l the output of
+block l (1..L) *before* the final norm. `lower(tokens, l)` returns h_l,
+`upper(h, l)` runs blocks l+1..L, the final norm and the LM head, so
+`upper(lower(x, l), l) == forward(x)` for every l.
+
+Blocks are stacked on a leading "layers" axis (created with `nnx.vmap`) and
+run with `jax.lax.scan`, so compile time does not grow with depth and a layer
+range is a slice of the stacked state.
+
+Einsum letters: B batch, T query length, S key length, D model dim, N query
+heads, K kv heads, G = N / K query heads per kv head, H head dim, F MLP dim,
+V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dihal_jax.backbone import rope
+from dihal_jax.backbone.config import BackboneConfig
+from dihal_jax.parallel.sharding import Rules, named_sharding
+
+_INIT = nnx.initializers.normal(0.02)
+_MASKED = -1e30  # finite: a fully masked row (padding query) gives a uniform softmax, not NaN
+
+
+_ONES = object()
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, init=_INIT) -> nnx.Param:
+  """A parameter annotated with logical axis names (see `parallel.sharding`).
+
+  The names live under `logical_axes`, not Flax's `out_sharding`, because the
+  mapping to mesh axes is ours (config rules, divisibility fallback); stacked
+  blocks get a leading "layers" name from `param_shardings`.
+  """
+  value = jnp.ones(shape, dtype) if init is _ONES else init(rngs.params(), shape, dtype)
+  return nnx.Param(value, logical_axes=tuple(names))
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, computed in float32 (HF `LlamaRMSNorm`)."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _param(rngs, (dim,), ("norm",), param_dtype, init=_ONES)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    return (self.scale[...].astype(jnp.float32) * (x32 * jax.lax.rsqrt(var + self.eps))).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3) and biases."""
+
+  def __init__(self, cfg: BackboneConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.dtype = dtype
+    self.scale = h ** -0.5
+    self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), param_dtype)
+    self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), param_dtype)
+    if cfg.attention_bias:
+      zeros = nnx.initializers.zeros
+      self.q_bias = _param(rngs, (n, h), ("q_heads", "head_dim"), param_dtype, init=zeros)
+      self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), param_dtype, init=zeros)
+      self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), param_dtype, init=zeros)
+      self.o_bias = _param(rngs, (d,), ("norm",), param_dtype, init=zeros)
+    else:
+      self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+      self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def _project(self, x, kernel, bias, norm, cos, sin):
+    y = jnp.einsum("BTD,DNH->BTNH", x, kernel[...].astype(self.dtype))
+    if bias is not None:
+      y = y + bias[...].astype(self.dtype)
+    if norm is not None:
+      y = norm(y)
+    return y if cos is None else rope.apply_rotary(y, cos, sin)
+
+  def __call__(self, x, cos, sin, mask, cache=None):
+    """x [B, T, D]; mask [B, T, S] (True = attend); cache (k, v [B, S, K, H], index) or None.
+
+    Returns the output [B, T, D] and the updated (k, v) cache (or None).
+    """
+    q = self._project(x, self.q_proj, self.q_bias, self.q_norm, cos, sin)
+    k = self._project(x, self.k_proj, self.k_bias, self.k_norm, cos, sin)
+    v = self._project(x, self.v_proj, self.v_bias, None, None, None)
+    new_cache = None
+    if cache is not None:
+      k_cache, v_cache, index = cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+      new_cache = (k, v)
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * self.scale
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(self.dtype)).reshape(b, t, n, h)
+    out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+    if self.o_bias is not None:
+      out = out + self.o_bias[...].astype(self.dtype)
+    return out, new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: BackboneConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.dtype = dtype
+    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+    if cfg.mlp_bias:
+      zeros = nnx.initializers.zeros
+      self.gate_bias = _param(rngs, (f,), ("mlp",), param_dtype, init=zeros)
+      self.up_bias = _param(rngs, (f,), ("mlp",), param_dtype, init=zeros)
+      self.down_bias = _param(rngs, (d,), ("norm",), param_dtype, init=zeros)
+    else:
+      self.gate_bias = self.up_bias = self.down_bias = None
+
+  def _linear(self, x, kernel, bias):
+    y = jnp.einsum("BTD,DF->BTF", x, kernel[...].astype(self.dtype))
+    return y if bias is None else y + bias[...].astype(self.dtype)
+
+  def __call__(self, x):
+    hidden = jax.nn.silu(self._linear(x, self.gate_proj, self.gate_bias)) * self._linear(
+        x, self.up_proj, self.up_bias)
+    return self._linear(hidden, self.down_proj, self.down_bias)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+  def __init__(self, cfg: BackboneConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(param_dtype=param_dtype, rngs=rngs)
+    self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+    self.attn = Attention(cfg, dtype=dtype, **kw)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+    self.mlp = MLP(cfg, dtype=dtype, **kw)
+
+  def __call__(self, x, cos, sin, mask, cache=None):
+    attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache)
+    x = x + attn_out
+    return x + self.mlp(self.post_attn_norm(x)), new_cache
+
+
+class Decoder(nnx.Module):
+  """The full backbone: embedding, L stacked blocks, final norm, LM head.
+
+  Args:
+    cfg: architecture.
+    dtype: compute dtype of matmuls (norms, softmax and RoPE stay float32).
+    param_dtype: storage dtype of parameters.
+  """
+
+  def __init__(self, cfg: BackboneConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
+    def make_blocks(rngs):
+      return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    self.layers = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype,
+                              rngs=rngs)
+    self.lm_head = None if cfg.tie_word_embeddings else _param(
+        rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+
+  # --- pieces -------------------------------------------------------------
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """h_0 [B, T, D] for tokens [B, T]."""
+    return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+  def logits(self, h_last: jax.Array) -> jax.Array:
+    """Final norm + LM head on h_L [B, T, D] -> float32 logits [B, T, V]."""
+    x = self.final_norm(h_last)
+    if self.lm_head is None:
+      return jnp.einsum("BTD,VD->BTV", x, self.embed[...].astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def _context(self, tokens_shape, positions, mask):
+    """Default positions (0..T-1) and the causal + key-padding mask [B, T, T]."""
+    b, t = tokens_shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    full_mask = causal if mask is None else causal & mask[:, None, :].astype(bool)
+    cos, sin = rope.rotary_cos_sin(positions, rope.inverse_frequencies(self.cfg))
+    return cos, sin, jnp.broadcast_to(full_mask, (b, t, t))
+
+  def run_layers(self, h: jax.Array, start: int, stop: int, *, positions=None,
+                 mask=None) -> jax.Array:
+    """Runs blocks start+1..stop (1-based) on h_start, returning h_stop."""
+    if not 0 <= start <= stop <= self.cfg.num_layers:
+      raise ValueError(f"layer range ({start}, {stop}) outside 0..{self.cfg.num_layers}")
+    if start == stop:
+      return h
+    cos, sin, full_mask = self._context(h.shape[:2], positions, mask)
+    graphdef, state = nnx.split(self.layers)
+    state = jax.tree.map(lambda a: a[start:stop], state)
+
+    def body(x, layer_state):
+      x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, full_mask)
+      return x, None
+
+    h, _ = jax.lax.scan(body, h, state)
+    return h
+
+  # --- the DiHAL interface ---------------------------------------------------
+
+  def __call__(self, tokens: jax.Array, *, positions=None, mask=None) -> jax.Array:
+    """forward(tokens [B, T]) -> float32 logits [B, T, V]. mask [B, T]: True = real token."""
+    return self.upper(self.lower(tokens, self.cfg.num_layers, positions=positions, mask=mask),
+                      self.cfg.num_layers, positions=positions, mask=mask)
+
+  def lower(self, tokens: jax.Array, layer: int, *, positions=None, mask=None) -> jax.Array:
+    """h_layer [B, T, D]: embedding, then blocks 1..layer."""
+    chex.assert_rank(tokens, 2)
+    return self.run_layers(self.embed_tokens(tokens), 0, layer, positions=positions, mask=mask)
+
+  def upper(self, h: jax.Array, layer: int, *, positions=None, mask=None) -> jax.Array:
+    """Logits [B, T, V] from h_layer: blocks layer+1..L, final norm, LM head."""
+    chex.assert_rank(h, 3)
+    chex.assert_axis_dimension(h, 2, self.cfg.hidden_size)
+    return self.logits(self.run_layers(h, layer, self.cfg.num_layers, positions=positions,
+                                       mask=mask))
+
+  def hidden_states(self, tokens: jax.Array, layers: Sequence[int], *, positions=None,
+                    mask=None, with_logits: bool = False):
+    """{l: h_l} for the requested layers from one pass, stopping at the deepest one.
+
+    The pass is cut into scan segments between requested layers, so only the
+    requested states are materialized. With `with_logits`, also returns the
+    logits (the pass then runs to L).
+    """
+    wanted = sorted(set(int(l) for l in layers))
+    if wanted and not 0 <= wanted[0] <= wanted[-1] <= self.cfg.num_layers:
+      raise ValueError(f"layers {wanted} outside 0..{self.cfg.num_layers}")
+    h, at, out = self.embed_tokens(tokens), 0, {}
+    for layer in wanted:
+      h, at = self.run_layers(h, at, layer, positions=positions, mask=mask), layer
+      out[layer] = h
+    if not with_logits:
+      return out
+    h = self.run_layers(h, at, self.cfg.num_layers, positions=positions, mask=mask)
+    return out, self.logits(h)
+
+  def decode_step(self, tokens, positions, cache_k, cache_v, index, key_mask):
+    """One cached step: tokens [B, T] at cache slots index..index+T-1.
+
+    Args:
+      tokens: [B, T] new tokens.
+      positions: [B, T] their RoPE positions.
+      cache_k, cache_v: [L, B, S, K, H] caches.
+      index: first cache slot written.
+      key_mask: [B, S] True where a slot holds a real token (padding False).
+    Returns:
+      logits [B, T, V] and the updated caches.
+    """
+    b, t = tokens.shape
+    s = cache_k.shape[2]
+    q_slot = index + jnp.arange(t)
+    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :].astype(bool)
+    cos, sin = rope.rotary_cos_sin(positions, rope.inverse_frequencies(self.cfg))
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x, xs):
+      layer_state, k_l, v_l = xs
+      x, (k_l, v_l) = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, (k_l, v_l, index))
+      return x, (k_l, v_l)
+
+    h, (cache_k, cache_v) = jax.lax.scan(body, self.embed_tokens(tokens),
+                                         (state, cache_k, cache_v))
+    return self.logits(h), cache_k, cache_v
+
+
+def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
+  """NamedSharding per parameter from its `logical_axes` (stacked ones get "layers" first)."""
+
+  def sharding(var):
+    names = tuple(var.get_metadata()["logical_axes"])
+    if len(names) == var.ndim - 1:
+      names = ("layers",) + names
+    return var.replace(named_sharding(mesh, names, rules, var.shape))
+
+  return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_model(cfg: BackboneConfig, *, mesh: jax.sharding.Mesh, rules: Rules, seed: int = 0,
+               dtype=jnp.float32, param_dtype=jnp.float32) -> Decoder:
+  """A randomly initialized Decoder whose params are born sharded (never whole on one device)."""
+  make = lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  out = jax.tree.map(lambda v: v.get_value(), param_shardings(abstract, mesh, rules),
+                     is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state = jax.jit(lambda: nnx.state(make()), out_shardings=out)()
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,1 @@
+"""Ground floor: device mesh, logical-axis sharding rules, multi-process setup."""

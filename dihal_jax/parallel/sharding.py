@@ -1,0 +1,95 @@
+"""One device mesh with axes (data, fsdp, tensor) and MaxText-style logical-axis rules.
+
+Parameters and activations are annotated with *logical* axis names ("embed",
+"mlp", "vocab", ...). The rules (a config field, never hard-coded in models)
+map each logical name to a mesh axis, a tuple of mesh axes, or None
+(replicated). The same model code therefore runs on 1 CPU, 8 simulated CPU
+devices, a TPU slice or a GPU node by changing only the config.
+
+Usage:
+  mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  sharding = named_sharding(mesh, ("embed", "mlp"), rules, shape=(576, 1536))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dihal_jax.errors import UserInputError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# Default rules: FSDP shards the model dimension of every weight, tensor
+# parallelism splits heads / MLP / vocab, batches go over data x fsdp.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", "tensor"),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise UserInputError(f"mesh axes {sorted(unknown)}: expected only {MESH_AXES}")
+  sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise UserInputError(f"mesh {dict(shape)}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise UserInputError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise UserInputError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        f"found {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec.
+
+  A mesh axis is used at most once per array (first dimension wins), and a
+  dimension not divisible by its mesh axes' size is replicated instead (e.g.
+  3 KV heads on a tensor axis of 2), so every rule set yields a valid sharding.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(names):
+    target = table.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if axes and shape is not None and shape[dim] % size:
+      logging.debug("replicating dim %d (%s, size %d) not divisible by %s", dim, name,
+                    shape[dim], axes)
+      axes = ()
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None], rules: Rules,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+  """NamedSharding for an array with the given logical axis names."""
+  return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
