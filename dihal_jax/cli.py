@@ -1,0 +1,112 @@
+"""`dihal COMMAND --config=FILE [--config.a.b=v ...] --workdir=DIR [flags]`.
+
+Thin by design: parse, call one library function, write the report. Bad
+input (a `UserInputError`, a flag or config error) ends with one line on
+stderr and exit status 2, no traceback.
+
+Commands:
+  convert   HF checkpoint -> sharded JAX params -> HF safetensors, checked bit for bit
+  parity    JAX vs transformers (fp32): logits, KL, hidden states, greedy generation
+  generate  continue --prompt with the backbone (KV cache; greedy, temperature, top-p)
+  demo      what exists end to end on the default model (see README)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+from dihal_jax.errors import UserInputError
+
+COMMANDS = ("convert", "parity", "generate", "demo")
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                flag_values=FLAGS, lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for reports, plots and outputs.",
+                    flag_values=FLAGS)
+flags.DEFINE_multi_string("prompt", [], "generate: prompt text (repeatable).", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 32, "generate: tokens per prompt.", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy.", flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "generate: nucleus mass.", flag_values=FLAGS)
+
+
+def _fail(message: str) -> int:
+  print(f"dihal: error: {message}", file=sys.stderr)
+  return 2
+
+
+def _log_environment():
+  import jax
+  logging.info("jax %s, process %d/%d, devices %s", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.devices())
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    return _fail(f"expected a command, one of {', '.join(COMMANDS)} (usage: dihal COMMAND "
+                 "--config=FILE --workdir=DIR)")
+  command = argv[1]
+  try:
+    FLAGS([argv[0]] + argv[2:])
+  except flags.Error as e:
+    return _fail(str(e).splitlines()[0])
+  if FLAGS.config is None:
+    return _fail("--config=FILE is required (e.g. --config=configs/smollm2_135m.py)")
+  if not FLAGS.workdir:
+    return _fail("--workdir=DIR is required")
+  workdir = Path(FLAGS.workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / ".write_test"
+    probe.touch()
+    probe.unlink()
+  except OSError as e:
+    return _fail(f"--workdir={workdir}: not writable ({e.strerror})")
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  _log_environment()
+  try:
+    return _run(command, FLAGS.config, workdir)
+  except UserInputError as e:
+    return _fail(str(e))
+
+
+def _run(command: str, config, workdir: Path) -> int:
+  from dihal_jax import demo, reports
+  from dihal_jax.backbone import checkpoint, parity
+
+  if command == "convert":
+    report = checkpoint.convert_and_export(config, workdir)
+    ok = report["roundtrip"]["bit_identical"]
+    print(f"converted {report['num_params']:,} params on {report['devices']} device(s); "
+          f"exported to {report['exported']}; round trip bit-identical: {ok}")
+  elif command == "parity":
+    report = parity.run_parity(config, workdir)
+    print(parity.summary(report))
+    ok = report["passed"]
+  elif command == "generate":
+    report = demo.generate_text(config, workdir, FLAGS.prompt, FLAGS.max_new_tokens,
+                                FLAGS.temperature, FLAGS.top_p)
+    for row in report["samples"]:
+      print(f"--- {row['prompt']!r}\n{row['continuation']}")
+    ok = True
+  else:
+    report = demo.run_demo(config, workdir)
+    ok = report["parity"]["passed"]
+  report["config"] = config.to_dict()
+  reports.write_json(workdir / "report.json", report)
+  print(f"report: {workdir / 'report.json'}")
+  return 0 if ok else 1
+
+
+def run():
+  """Console-script entry point."""
+  sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,45 @@
+"""The base ml_collections config every file in configs/ starts from.
+
+Each configs/*.py calls `base()` and overrides a few fields, citing the HF
+`config.json` they come from; a comment here explains every field once.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dihal_jax.parallel.sharding import DEFAULT_RULES
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # every random draw is fold_in(seed, ...)
+  c.smoke = False  # shrink every budget for a quick run (tests, CI)
+
+  c.model = ml_collections.ConfigDict()
+  # A local HF checkpoint directory, or "embedded:smollm2-135m-instruct". Empty:
+  # no weights exist here; `hf_config` describes the architecture (random init).
+  c.model.checkpoint = ""
+  c.model.hf_config = ml_collections.ConfigDict()  # HF config.json fields (presets only)
+  c.model.dtype = "float32"  # compute dtype of matmuls (norms/softmax stay float32)
+  c.model.param_dtype = "float32"  # storage dtype of params
+  # The document separator every window starts with (DESIGN.md "Position 0");
+  # falls back to the tokenizer's BOS when the vocabulary lacks it.
+  c.model.separator = "<|endoftext|>"
+
+  # Device mesh (data, fsdp, tensor); one axis may be -1 = all remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = DEFAULT_RULES  # logical name -> mesh axes (parallel/sharding.py)
+
+  c.parity = ml_collections.ConfigDict()
+  c.parity.rows = 4  # rows of real text, right-padded to different lengths
+  c.parity.tokens = 288  # tokens in the longest row (>= 256: short prompts hide RoPE bugs)
+  c.parity.generate_tokens = 32  # greedy tokens compared with transformers' generate
+  c.parity.prompt_tokens = 48  # prompt length for the generation check
+  c.parity.max_mean_kl = 1e-6  # targets (float32)
+  c.parity.max_abs_logit_diff = 1e-3
+
+  c.convert = ml_collections.ConfigDict()
+  c.convert.max_shard_gb = 2.0  # export: safetensors shard size
+  c.convert.dtype = ""  # export dtype; empty = the source checkpoint's
+  return c

@@ -1,0 +1,54 @@
+"""Writing what a command measured: atomic JSON reports and small Markdown tables.
+
+Only process 0 writes (multi-host runs share the workdir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+  """Writes `obj` as JSON via a temporary file + rename (never half-written)."""
+  path = Path(path)
+  if jax.process_index() != 0:
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+  """Writes text atomically (process 0 only)."""
+  path = Path(path)
+  if jax.process_index() != 0:
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub Markdown table; floats in compact scientific/fixed form."""
+
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.3g}" if (abs(v) < 1e-3 or abs(v) >= 1e4) and v != 0 else f"{v:.4f}"
+    return str(v)
+
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
