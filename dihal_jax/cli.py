@@ -40,6 +40,27 @@ def _fail(message: str) -> int:
   return 2
 
 
+def _config_load_error(error: OSError) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f"flag --config: cannot load the config file ({lines[-1] if lines else error})"
+
+
+def _override_error(error: Exception, args: list[str]) -> str:
+  """One line naming the --config.* override whose path has no such field; else re-raises."""
+  inner = error
+  while inner.args and isinstance(inner.args[0], BaseException):
+    inner = inner.args[0]
+  text = str(inner.args[0]) if inner.args else str(inner)
+  first, _, hint = text.partition("\n")
+  field = first.strip().strip("'\"")
+  names = [a.split("=", 1)[0] for a in args if a.startswith("--config.")]
+  culprit = next((n for n in names if field in n[len("--config."):].split(".")), None)
+  if culprit is None:  # not an override typo (e.g. a bug inside the config file)
+    raise error
+  hint = " ".join(hint.split())
+  return f"flag {culprit}: the config has no field {field!r}" + (f" ({hint})" if hint else "")
+
+
 def _log_environment():
   import jax
   logging.info("jax %s, process %d/%d, devices %s", jax.__version__, jax.process_index(),
@@ -55,8 +76,16 @@ def main(argv: list[str]) -> int:
     FLAGS([argv[0]] + argv[2:])
   except flags.Error as e:
     return _fail(str(e).splitlines()[0])
+  except OSError as e:  # ml_collections: a config file that cannot be loaded, with overrides
+    return _fail(_config_load_error(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.a.b override of no field
+    return _fail(_override_error(e, argv[2:]))
   if FLAGS.config is None:
     return _fail("--config=FILE is required (e.g. --config=configs/smollm2_135m.py)")
+  try:
+    FLAGS.config.keys()  # ml_collections defers a config-file load error to first access
+  except OSError as e:
+    return _fail(_config_load_error(e))
   if not FLAGS.workdir:
     return _fail("--workdir=DIR is required")
   workdir = Path(FLAGS.workdir)

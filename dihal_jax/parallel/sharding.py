@@ -44,7 +44,11 @@ DEFAULT_RULES: Rules = (
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices)."""
+  """Builds the (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices).
+
+  A mesh with no -1 axis that needs fewer devices than exist uses the first
+  ones (with a warning), e.g. {"data": 1} for a single-device run.
+  """
   devices = list(devices if devices is not None else jax.devices())
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
@@ -57,6 +61,10 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if len(devices) % known:
       raise UserInputError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) < len(devices):
+    logging.warning("mesh %s uses %d of %d devices", dict(zip(MESH_AXES, sizes)),
+                    math.prod(sizes), len(devices))
+    devices = devices[:math.prod(sizes)]
   if math.prod(sizes) != len(devices):
     raise UserInputError(
         f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "

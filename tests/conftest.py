@@ -1,0 +1,35 @@
+"""Shared test setup.
+
+Eight simulated CPU devices for the whole suite (the flag must be set before
+jax is imported); single-device tests ask for a {"data": 1} mesh.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str):
+  """configs/<name>.py -> its get_config()."""
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+  """{"tiny_llama": dir, "tiny_qwen3": dir}: seeded random HF checkpoints (transformers)."""
+  from dihal_jax.backbone.checkpoint import random_hf_checkpoint
+
+  root = tmp_path_factory.mktemp("tiny_ckpt")
+  return {name: random_hf_checkpoint(load_config(name).model.hf_config.to_dict(), root / name,
+                                     seed=0)
+          for name in ("tiny_llama", "tiny_qwen3")}
