@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from conftest import load_config
+from conftest import REPO, load_config
 from dihal_jax.backbone import rope
 from dihal_jax.backbone.config import BackboneConfig, Llama3RopeScaling
 
@@ -101,3 +101,19 @@ def test_apply_rotary_matches_transformers():
   ref, _ = apply_rotary_pos_emb(xt, xt, torch.tensor(np.asarray(cos)),
                                 torch.tensor(np.asarray(sin)))
   np.testing.assert_allclose(ours, ref.transpose(1, 2).numpy(), atol=2e-5)
+
+
+def test_every_config_file_loads_and_parses():
+  names = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+  assert {"smollm2_135m", "tiny_llama", "tiny_qwen3", "llama3_1_8b_instruct", "qwen3_8b"} <= set(names)
+  for name in names:
+    config = load_config(name)
+    BackboneConfig.from_hf_config(config.model.hf_config.to_dict())
+    assert config.mesh.to_dict().keys() <= {"data", "fsdp", "tensor"}
+
+
+def test_embedded_smollm2_preset_matches_its_published_config():
+  cfg = BackboneConfig.from_hf_config(load_config("smollm2_135m").model.hf_config.to_dict())
+  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (
+      30, 576, 9, 3, 49152)
+  assert cfg.tie_word_embeddings and cfg.num_params == 134_515_008

@@ -28,7 +28,7 @@ from dihal_jax.parallel.sharding import make_mesh
 
 
 def random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int) -> Path:
-  """Writes a seeded random `transformers` model for `hf_config` (tiny presets only)."""
+  """Writes a seeded random `transformers` model for `hf_config` (weightless presets)."""
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
 
