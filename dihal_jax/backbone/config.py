@@ -83,6 +83,8 @@ class BackboneConfig:
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any]) -> "BackboneConfig":
     """Builds the config from a parsed HF `config.json` (transformers 4.x or 5.x form)."""
+    if not isinstance(hf, Mapping):
+      raise UserInputError(f"config: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise UserInputError(
@@ -98,21 +100,25 @@ class BackboneConfig:
       if kinds != {"full_attention"}:
         raise UserInputError(f"config field layer_types={sorted(kinds)}: expected only "
                              "'full_attention'")
-    num_heads = _required(hf, "num_attention_heads")
-    hidden = _required(hf, "hidden_size")
+    num_heads = _positive_int(hf, "num_attention_heads")
+    hidden = _positive_int(hf, "hidden_size")
+    num_kv_heads = (num_heads if hf.get("num_key_value_heads") is None
+                    else _positive_int(hf, "num_key_value_heads"))
+    head_dim = (hidden // num_heads if hf.get("head_dim") is None
+                else _positive_int(hf, "head_dim"))
     rope_theta, scaling = _rope_from_hf(hf)
     return cls(
         model_type=model_type,
-        vocab_size=_required(hf, "vocab_size"),
+        vocab_size=_positive_int(hf, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=_required(hf, "intermediate_size"),
-        num_layers=_required(hf, "num_hidden_layers"),
+        intermediate_size=_positive_int(hf, "intermediate_size"),
+        num_layers=_positive_int(hf, "num_hidden_layers"),
         num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hidden // num_heads,
-        rms_norm_eps=float(_required(hf, "rms_norm_eps")),
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_number(_required(hf, "rms_norm_eps"), "rms_norm_eps"),
         rope_theta=rope_theta,
-        max_position_embeddings=_required(hf, "max_position_embeddings"),
+        max_position_embeddings=_positive_int(hf, "max_position_embeddings"),
         rope_scaling=scaling,
         qk_norm=model_type == "qwen3",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -162,6 +168,20 @@ def _required(hf: Mapping[str, Any], key: str):
   return hf[key]
 
 
+def _positive_int(hf: Mapping[str, Any], key: str, field: str | None = None) -> int:
+  value = _required(hf, key)
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+      or not float(value).is_integer()):
+    raise UserInputError(f"config field {field or key}={value!r}: expected a positive integer")
+  return int(value)
+
+
+def _number(value, field: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise UserInputError(f"config field {field}={value!r}: expected a number")
+  return float(value)
+
+
 def _expect(hf: Mapping[str, Any], key: str, allowed: tuple):
   value = hf.get(key, allowed[0])
   if value not in allowed:
@@ -169,7 +189,9 @@ def _expect(hf: Mapping[str, Any], key: str, allowed: tuple):
 
 
 def _first(value):
-  return value[0] if isinstance(value, (list, tuple)) else value
+  if isinstance(value, (list, tuple)):
+    return value[0] if value else None
+  return value
 
 
 def _dtype_from_hf(hf: Mapping[str, Any]) -> str:
@@ -182,23 +204,27 @@ def _dtype_from_hf(hf: Mapping[str, Any]) -> str:
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
   """Reads RoPE from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
   field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+  if not isinstance(hf.get(field) or {}, Mapping):
+    raise UserInputError(f"config field {field}={hf[field]!r}: expected an object")
   params = dict(hf.get(field) or {})
   theta = params.get("rope_theta", hf.get("rope_theta"))
   if theta is None:
     raise UserInputError("config field rope_theta is missing (neither in rope_parameters nor "
                          "at top level)")
+  theta = _number(theta, "rope_theta")
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type not in SUPPORTED_ROPE_TYPES:
     raise UserInputError(
         f"config field {field}.rope_type={rope_type!r}: expected one of {SUPPORTED_ROPE_TYPES}")
   if rope_type == "default":
-    return float(theta), None
+    return theta, None
   missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
                          "original_max_position_embeddings") if k not in params]
   if missing:
     raise UserInputError(f"config field {field} (rope_type llama3) lacks {', '.join(missing)}")
-  return float(theta), Llama3RopeScaling(
-      factor=float(params["factor"]),
-      low_freq_factor=float(params["low_freq_factor"]),
-      high_freq_factor=float(params["high_freq_factor"]),
-      original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+  return theta, Llama3RopeScaling(
+      factor=_number(params["factor"], f"{field}.factor"),
+      low_freq_factor=_number(params["low_freq_factor"], f"{field}.low_freq_factor"),
+      high_freq_factor=_number(params["high_freq_factor"], f"{field}.high_freq_factor"),
+      original_max_position_embeddings=_positive_int(
+          params, "original_max_position_embeddings", f"{field}.original_max_position_embeddings"))

@@ -204,7 +204,10 @@ def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh, rules: 
                dtype=jnp.float32, param_dtype=jnp.float32) -> Decoder:
   """Builds a `Decoder` from an HF checkpoint directory, each param born sharded on `mesh`."""
   ckpt = SafetensorsCheckpoint(directory)
-  cfg = BackboneConfig.from_hf_config(ckpt.hf_config)
+  try:
+    cfg = BackboneConfig.from_hf_config(ckpt.hf_config)
+  except UserInputError as e:
+    raise UserInputError(f"{ckpt.directory / 'config.json'}: {e}") from None
   _check_keys(ckpt, cfg)
   abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype,
                                             rngs=nnx.Rngs(0)))

@@ -302,13 +302,16 @@ class Decoder(nnx.Module):
 def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
   """NamedSharding per parameter from its `logical_axes` (stacked ones get "layers" first)."""
 
-  def sharding(var):
+  def sharding(path, var):
     names = tuple(var.get_metadata()["logical_axes"])
-    if len(names) == var.ndim - 1:
+    if getattr(path[0], "key", None) == "layers":
       names = ("layers",) + names
+    if len(names) != var.ndim:
+      raise ValueError(f"{jax.tree_util.keystr(path)}: logical axes {names} vs shape {var.shape}")
     return var.replace(named_sharding(mesh, names, rules, var.shape))
 
-  return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(sharding, state,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def init_model(cfg: BackboneConfig, *, mesh: jax.sharding.Mesh, rules: Rules, seed: int = 0,

@@ -18,7 +18,7 @@ import math
 from typing import Mapping, Sequence
 
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dihal_jax.errors import UserInputError
@@ -54,6 +54,8 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   if unknown:
     raise UserInputError(f"mesh axes {sorted(unknown)}: expected only {MESH_AXES}")
   sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  if any(s < 1 and s != -1 for s in sizes):
+    raise UserInputError(f"mesh {dict(shape)}: axis sizes must be positive (or one -1)")
   if sizes.count(-1) > 1:
     raise UserInputError(f"mesh {dict(shape)}: at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
@@ -69,7 +71,8 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     raise UserInputError(
         f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
         f"found {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  # Topology-aware device order on TPU/GPU (ICI rings), plain order on CPU.
+  return Mesh(mesh_utils.create_device_mesh(sizes, devices), MESH_AXES)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh,
