@@ -6,6 +6,10 @@ Each configs/*.py calls `base()` and overrides a few fields, citing the HF
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import ml_collections
 
 from dihal_jax.parallel.sharding import DEFAULT_RULES
@@ -43,3 +47,11 @@ def base() -> ml_collections.ConfigDict:
   c.convert.max_shard_gb = 2.0  # export: safetensors shard size
   c.convert.dtype = ""  # export dtype; empty = the source checkpoint's
   return c
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (configs/*.py), outside the CLI's flag parsing."""
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

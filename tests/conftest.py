@@ -4,7 +4,6 @@ Eight simulated CPU devices for the whole suite (the flag must be set before
 jax is imported); single-device tests ask for a {"data": 1} mesh.
 """
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -18,10 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_config(name: str):
   """configs/<name>.py -> its get_config()."""
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from dihal_jax.defaults import load_config_file
+  return load_config_file(REPO / "configs" / f"{name}.py")
 
 
 @pytest.fixture(scope="session")

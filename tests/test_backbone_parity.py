@@ -163,3 +163,17 @@ def test_top_p_sampling_distribution():
   freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / 4000
   np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
   assert int(sample_next(logits, jax.random.key(1), 0.0, 1.0)[0]) == 0
+
+
+def test_bfloat16_compute_stays_close_to_float32(checkpoints, single_mesh):
+  """bf16 matmuls with float32 accumulation: same argmax almost everywhere, small error."""
+  path = checkpoints[("tiny_llama", 2)]
+  tokens, mask = _batch(307, t=64)
+  ref = np.asarray(load_model(path, mesh=single_mesh, rules=DEFAULT_RULES)(jnp.asarray(tokens)))
+  model = load_model(path, mesh=single_mesh, rules=DEFAULT_RULES, dtype=jnp.bfloat16)
+  assert model.lower(jnp.asarray(tokens), 2).dtype == jnp.bfloat16
+  ours = np.asarray(model(jnp.asarray(tokens)))
+  assert ours.dtype == np.float32  # logits are always float32
+  rel = np.sqrt(np.mean((ours - ref) ** 2)) / ref.std()
+  assert 0 < rel < 0.05
+  assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9

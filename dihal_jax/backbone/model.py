@@ -34,6 +34,16 @@ _MASKED = -1e30  # finite: a fully masked row (padding query) gives a uniform so
 _ONES = object()
 
 
+def _matmul(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  """einsum in `dtype` with float32 accumulation, result cast back to `dtype`.
+
+  With dtype=bfloat16 the operands are bf16 (the fast path of TPU/GPU MXUs and
+  of XLA:CPU's bf16 dots) but sums are float32, as MaxText's DenseGeneral does.
+  """
+  out = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
 def _param(rngs: nnx.Rngs, shape, names, dtype, init=_INIT) -> nnx.Param:
   """A parameter annotated with logical axis names (see `parallel.sharding`).
 
@@ -84,7 +94,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def _project(self, x, kernel, bias, norm, cos, sin):
-    y = jnp.einsum("BTD,DNH->BTNH", x, kernel[...].astype(self.dtype))
+    y = _matmul("BTD,DNH->BTNH", x, kernel[...], self.dtype)
     if bias is not None:
       y = y + bias[...].astype(self.dtype)
     if norm is not None:
@@ -112,8 +122,8 @@ class Attention(nnx.Module):
                         preferred_element_type=jnp.float32) * self.scale
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(self.dtype)).reshape(b, t, n, h)
-    out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+    out = _matmul("BKGTS,BSKH->BTKGH", probs, v, self.dtype).reshape(b, t, n, h)
+    out = _matmul("BTNH,NHD->BTD", out, self.o_proj[...], self.dtype)
     if self.o_bias is not None:
       out = out + self.o_bias[...].astype(self.dtype)
     return out, new_cache
@@ -137,7 +147,7 @@ class MLP(nnx.Module):
       self.gate_bias = self.up_bias = self.down_bias = None
 
   def _linear(self, x, kernel, bias):
-    y = jnp.einsum("BTD,DF->BTF", x, kernel[...].astype(self.dtype))
+    y = _matmul("BTD,DF->BTF", x, kernel[...], self.dtype)
     return y if bias is None else y + bias[...].astype(self.dtype)
 
   def __call__(self, x):
@@ -213,23 +223,27 @@ class Decoder(nnx.Module):
     cos, sin = rope.rotary_cos_sin(positions, rope.inverse_frequencies(self.cfg))
     return cos, sin, jnp.broadcast_to(full_mask, (b, t, t))
 
-  def run_layers(self, h: jax.Array, start: int, stop: int, *, positions=None,
-                 mask=None) -> jax.Array:
-    """Runs blocks start+1..stop (1-based) on h_start, returning h_stop."""
+  def run_layers(self, h: jax.Array, start: int, stop: int, *, positions=None, mask=None,
+                 emit: bool = False):
+    """Runs blocks start+1..stop (1-based) on h_start, returning h_stop.
+
+    With `emit`, also returns every intermediate state stacked: [stop-start, B, T, D],
+    entry i = h_{start+1+i} (one scan; the last entry is h_stop).
+    """
     if not 0 <= start <= stop <= self.cfg.num_layers:
       raise ValueError(f"layer range ({start}, {stop}) outside 0..{self.cfg.num_layers}")
     if start == stop:
-      return h
+      return (h, h[None][:0]) if emit else h
     cos, sin, full_mask = self._context(h.shape[:2], positions, mask)
     graphdef, state = nnx.split(self.layers)
     state = jax.tree.map(lambda a: a[start:stop], state)
 
     def body(x, layer_state):
       x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, full_mask)
-      return x, None
+      return x, (x if emit else None)
 
-    h, _ = jax.lax.scan(body, h, state)
-    return h
+    h, stack = jax.lax.scan(body, h, state)
+    return (h, stack) if emit else h
 
   # --- the DiHAL interface ---------------------------------------------------
 
@@ -252,23 +266,20 @@ class Decoder(nnx.Module):
 
   def hidden_states(self, tokens: jax.Array, layers: Sequence[int], *, positions=None,
                     mask=None, with_logits: bool = False):
-    """{l: h_l} for the requested layers from one pass, stopping at the deepest one.
+    """{l: h_l} for the requested layers from one scan over blocks 1..deepest.
 
-    The pass is cut into scan segments between requested layers, so only the
-    requested states are materialized. With `with_logits`, also returns the
-    logits (the pass then runs to L).
+    The scan emits every state up to the deepest requested layer (one compiled
+    loop, flat compile time); use `lower` when a single layer is needed. With
+    `with_logits`, the scan runs to L and the logits are returned as well.
     """
     wanted = sorted(set(int(l) for l in layers))
     if wanted and not 0 <= wanted[0] <= wanted[-1] <= self.cfg.num_layers:
       raise ValueError(f"layers {wanted} outside 0..{self.cfg.num_layers}")
-    h, at, out = self.embed_tokens(tokens), 0, {}
-    for layer in wanted:
-      h, at = self.run_layers(h, at, layer, positions=positions, mask=mask), layer
-      out[layer] = h
-    if not with_logits:
-      return out
-    h = self.run_layers(h, at, self.cfg.num_layers, positions=positions, mask=mask)
-    return out, self.logits(h)
+    stop = self.cfg.num_layers if with_logits else (wanted[-1] if wanted else 0)
+    h0 = self.embed_tokens(tokens)
+    h_last, stack = self.run_layers(h0, 0, stop, positions=positions, mask=mask, emit=True)
+    out = {l: (h0 if l == 0 else stack[l - 1]) for l in wanted}
+    return (out, self.logits(h_last)) if with_logits else out
 
   def decode_step(self, tokens, positions, cache_k, cache_v, index, key_mask):
     """One cached step: tokens [B, T] at cache slots index..index+T-1.
