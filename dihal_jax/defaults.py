@@ -40,6 +40,7 @@ def base() -> ml_collections.ConfigDict:
   c.parity.tokens = 288  # tokens in the longest row (>= 256: short prompts hide RoPE bugs)
   c.parity.generate_tokens = 32  # greedy tokens compared with transformers' generate
   c.parity.prompt_tokens = 48  # prompt length for the generation check
+  c.parity.matmul_precision = "highest"  # JAX matmuls during the check (GPU default: TF32)
   c.parity.max_mean_kl = 1e-6  # targets (float32)
   c.parity.max_abs_logit_diff = 1e-3
 

@@ -139,9 +139,11 @@ def run_parity(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                                                        dtype=np.int32)
     source = "random_ids"
   tokens, mask = padded_batch(rows, pad_id)
-  forward = compare_forward(model, torch_model, tokens, mask)
-  gen = compare_generation(model, torch_model, rows[:2, :p.prompt_tokens], p.generate_tokens,
-                           pad_id)
+  # fp32 parity means fp32 matmuls: GPUs default to TF32 (max |Δlogit| 6e-3 on an H100).
+  with jax.default_matmul_precision(p.matmul_precision):
+    forward = compare_forward(model, torch_model, tokens, mask)
+    gen = compare_generation(model, torch_model, rows[:2, :p.prompt_tokens], p.generate_tokens,
+                             pad_id)
   if tokenizer is not None:
     gen["torch_text"] = tokenizer.batch_decode(gen["torch"])
     gen["jax_text"] = tokenizer.batch_decode(gen["jax"])
@@ -150,6 +152,7 @@ def run_parity(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   return {
       "checkpoint": str(ckpt), "text": source, "rows": p.rows, "tokens_per_row": p.tokens,
       "row_lengths": mask.sum(1).tolist(), "dtype": config.model.dtype,
+      "matmul_precision": p.matmul_precision, "device": str(jax.devices()[0]),
       **{k: v for k, v in forward.items() if k != "timings"},
       "generation": gen,
       "targets": {"max_mean_kl": p.max_mean_kl, "max_abs_logit_diff": p.max_abs_logit_diff,
