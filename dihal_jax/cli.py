@@ -8,6 +8,7 @@ Commands:
   convert   HF checkpoint -> sharded JAX params -> HF safetensors, checked bit for bit
   parity    JAX vs transformers (fp32): logits, KL, hidden states, greedy generation
   generate  continue --prompt with the backbone (KV cache; greedy, temperature, top-p)
+  data      build the corpus splits (tfds, array_record) and count documents/tokens/windows
   demo      what exists end to end on the default model (see README)
 """
 
@@ -22,7 +23,7 @@ from ml_collections import config_flags
 
 from dihal_jax.errors import UserInputError
 
-COMMANDS = ("convert", "parity", "generate", "demo")
+COMMANDS = ("convert", "parity", "generate", "data", "demo")
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -107,6 +108,7 @@ def main(argv: list[str]) -> int:
 def _run(command: str, config, workdir: Path) -> int:
   from dihal_jax import demo, reports
   from dihal_jax.backbone import checkpoint, parity
+  from dihal_jax.data import dataset
 
   if command == "convert":
     report = checkpoint.convert_and_export(config, workdir)
@@ -117,6 +119,10 @@ def _run(command: str, config, workdir: Path) -> int:
     report = parity.run_parity(config, workdir)
     print(parity.summary(report))
     ok = report["passed"]
+  elif command == "data":
+    report = dataset.prepare_data(config, workdir)
+    print(dataset.summary(report))
+    ok = True
   elif command == "generate":
     report = demo.generate_text(config, workdir, FLAGS.prompt, FLAGS.max_new_tokens,
                                 FLAGS.temperature, FLAGS.top_p)

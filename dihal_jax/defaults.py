@@ -35,6 +35,17 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = DEFAULT_RULES  # logical name -> mesh axes (parallel/sharding.py)
 
+  c.data = ml_collections.ConfigDict()
+  # In-domain corpus: "builtin:austen" (shipped) or a folder of .txt/.txt.gz files.
+  c.data.dir = "builtin:austen"
+  c.data.ood_dir = "builtin:moby_dick"  # out-of-domain evaluation text ("" = none)
+  # Whole chapters per split, cut per book in this order (data/corpus.py).
+  c.data.splits = ml_collections.ConfigDict(dict(train=0.8, validation=0.1, test=0.1))
+  c.data.window = 64  # tokens per window, separator included (up to the model's max positions)
+  c.data.batch_size = 16  # global windows per batch (split over processes, then devices)
+  c.data.read_threads = 2  # grain ReadOptions.num_threads
+  c.data.cache_dir = ""  # tfds + hidden-state caches; "" = $DIHAL_CACHE_DIR or ~/.cache/dihal_jax
+
   c.parity = ml_collections.ConfigDict()
   c.parity.rows = 4  # rows of real text, right-padded to different lengths
   c.parity.tokens = 288  # tokens in the longest row (>= 256: short prompts hide RoPE bugs)

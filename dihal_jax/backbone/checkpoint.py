@@ -45,8 +45,30 @@ def random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int) -> Path:
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   model.save_pretrained(tmp)
+  if config.vocab_size >= len(SPECIAL_TOKENS) + 256:
+    byte_tokenizer().save_pretrained(tmp)
   os.rename(tmp, out_dir)
   return out_dir
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's ids 0, 1, 2
+
+
+def byte_tokenizer():
+  """A byte-level tokenizer (3 special tokens + 256 bytes, no merges) for random presets,
+  so that tiny models run the whole text pipeline."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+  vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL_TOKENS[1],
+                                 eos_token=SPECIAL_TOKENS[2], unk_token=None,
+                                 pad_token=SPECIAL_TOKENS[2])
 
 
 def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:

@@ -1,0 +1,1 @@
+"""Text corpora -> tfds (array_record) -> grain token windows -> hidden-state streams."""

@@ -1,0 +1,109 @@
+"""The data of a config: splits built into tfds, windows through grain, `dihal data`.
+
+Usage:
+  data = Data.from_config(config, workdir)       # builds what is missing
+  it = iter(data.windows("train", batch_size=16))  # checkpointable grain iterator
+  data.statistics                                 # documents / tokens / windows per split
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from dihal_jax.backbone import checkpoint
+from dihal_jax.data import corpus, pipeline, tfds_builder
+from dihal_jax.errors import UserInputError
+
+OOD = "ood"  # name of the out-of-domain set (its single split is "test")
+
+
+def cache_root(config: ml_collections.ConfigDict) -> Path:
+  if config.data.cache_dir:
+    return Path(config.data.cache_dir).expanduser()
+  return Path(os.environ.get("DIHAL_CACHE_DIR", Path.home() / ".cache" / "dihal_jax"))
+
+
+@dataclasses.dataclass
+class Data:
+  """Random-access split sources plus what is needed to cut them into windows."""
+
+  sources: dict[str, Any]  # "train", "validation", "test", and "ood" (the OOD test split)
+  tokenizer: Any
+  separator: int
+  window: int
+  seed: int
+  read_threads: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> "Data":
+    ckpt = checkpoint.checkpoint_dir(config, workdir)
+    tokenizer = checkpoint.load_tokenizer(ckpt)
+    if tokenizer is None:
+      raise UserInputError(f"{ckpt}: the checkpoint has no tokenizer; the data pipeline needs one")
+    cfg = checkpoint.backbone_config(config)
+    window = config.data.window
+    if window > cfg.max_position_embeddings:
+      raise UserInputError(f"data.window={window}: longer than the model's max positions "
+                           f"({cfg.max_position_embeddings})")
+    data_dir = cache_root(config) / "tfds"
+    splits = corpus.corpus_splits(config.data.dir, config.data.splits.to_dict(), config.seed)
+    sources = dict(tfds_builder.build_text_dataset(splits, data_dir))
+    if config.data.ood_dir:
+      ood = corpus.corpus_splits(config.data.ood_dir, None, config.seed)
+      sources[OOD] = tfds_builder.build_text_dataset(ood, data_dir)["test"]
+    data = cls(sources, tokenizer, checkpoint.separator_id(tokenizer, config), window,
+               config.seed, config.data.read_threads)
+    data._check_lengths(config)
+    return data
+
+  def _check_lengths(self, config):
+    for split, stats in self.statistics.items():
+      if stats["windows"] < 1:
+        source = config.data.ood_dir if split == OOD else config.data.dir
+        raise UserInputError(f"data.dir={source}: split {split!r} has {stats['tokens']} tokens, "
+                             f"fewer than one window of data.window={self.window}")
+
+  def windows(self, split: str, *, batch_size: int | None, shuffle: bool = True,
+              num_epochs: int | None = None):
+    """grain IterDataset of {"tokens": [B_process, T]} for this process's shard of `split`."""
+    if batch_size is not None and batch_size % jax.process_count():
+      raise UserInputError(f"batch size {batch_size} is not divisible by the "
+                           f"{jax.process_count()} processes")
+    return pipeline.window_dataset(
+        self.sources[split], self.tokenizer, length=self.window, separator=self.separator,
+        batch_size=None if batch_size is None else batch_size // jax.process_count(),
+        seed=self.seed, shuffle=shuffle, num_epochs=num_epochs,
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        read_threads=self.read_threads)
+
+  @functools.cached_property
+  def statistics(self) -> dict[str, dict]:
+    """{split: {"documents", "tokens", "windows"}} (tokenizes every split once)."""
+    return {split: pipeline.split_statistics(source, self.tokenizer, length=self.window,
+                                             separator=self.separator)
+            for split, source in self.sources.items()}
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """`dihal data`: build what is missing, count documents / tokens / windows per split."""
+  data = Data.from_config(config, workdir)
+  report = data.statistics
+  return {"splits": {k: v for k, v in report.items() if k != OOD},
+          "ood": report.get(OOD), "window": data.window, "separator": data.separator}
+
+
+def summary(report: dict) -> str:
+  """Markdown table of documents / tokens / windows per split."""
+  from dihal_jax.reports import markdown_table
+  rows = [[split, v["documents"], v["tokens"], v["windows"]] for split, v in report["splits"].items()]
+  if report["ood"]:
+    rows.append(["ood (test)", report["ood"]["documents"], report["ood"]["tokens"],
+                 report["ood"]["windows"]])
+  return markdown_table(["split", "documents", "tokens", f"windows of {report['window']}"], rows)

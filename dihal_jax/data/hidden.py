@@ -1,0 +1,165 @@
+"""Hidden-state streams: token batches -> h_l of chosen layers, laid out along `data`.
+
+Only the lower layers that are needed run (`Decoder.hidden_states` stops at
+the deepest requested layer). Per-channel mean/std of each layer are
+accumulated in the same pass (float64, Chan et al.'s parallel update),
+position 0 excluded by default (its state is a constant with a huge norm).
+
+`cache_hidden_states` stores a fixed set of windows' states on disk, keyed by
+a hash of the model (config.json, weight-file headers, sizes, mtimes), the
+data (tfds config, split, window, count), the layers and the dtype; any
+change gives a new key, i.e. a fresh computation. A cache directory is
+written under a temporary name and renamed when complete, so a killed run
+never leaves a cache that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from dihal_jax.backbone.model import Decoder
+from dihal_jax.parallel.sharding import Rules, logical_to_spec
+
+
+class ChannelStats:
+  """Streaming per-channel mean and variance in float64."""
+
+  def __init__(self, dim: int):
+    self.count = 0
+    self.mean = np.zeros(dim, np.float64)
+    self.m2 = np.zeros(dim, np.float64)
+
+  def update(self, x: np.ndarray):
+    """Adds rows x [N, D]."""
+    x = np.asarray(x, np.float64).reshape(-1, self.mean.shape[0])
+    n = x.shape[0]
+    if n == 0:
+      return
+    mean = x.mean(0)
+    m2 = ((x - mean) ** 2).sum(0)
+    total = self.count + n
+    delta = mean - self.mean
+    self.mean = self.mean + delta * (n / total)
+    self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
+    self.count = total
+
+  @property
+  def std(self) -> np.ndarray:
+    return np.sqrt(self.m2 / max(self.count, 1))
+
+  def to_dict(self) -> dict:
+    return {"count": self.count, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int) -> NamedSharding:
+  """Batch dimension over the `batch` logical axis (data x fsdp), the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def hidden_fn(model: Decoder, layers: Sequence[int], mesh: jax.sharding.Mesh, rules: Rules):
+  """A jitted tokens [B, T] -> {l: h_l [B, T, D]}, inputs and outputs sharded along batch."""
+  graphdef, state = nnx.split(model)
+  layers = tuple(sorted(set(int(l) for l in layers)))
+  tokens_sharding = batch_sharding(mesh, rules, 2)
+  out_sharding = {l: batch_sharding(mesh, rules, 3) for l in layers}
+
+  @jax.jit
+  def run(state, tokens):
+    out = nnx.merge(graphdef, state).hidden_states(tokens, layers)
+    return jax.lax.with_sharding_constraint(out, out_sharding)
+
+  def apply(local_tokens: np.ndarray):
+    tokens = jax.make_array_from_process_local_data(tokens_sharding, np.asarray(local_tokens))
+    return tokens, run(state, tokens)
+
+  return apply
+
+
+def hidden_stream(model: Decoder, batches: Iterable[dict], layers: Sequence[int], *,
+                  mesh: jax.sharding.Mesh, rules: Rules,
+                  stats: dict[int, ChannelStats] | None = None,
+                  exclude_first: bool = True) -> Iterator[tuple[jax.Array, dict[int, jax.Array]]]:
+  """Yields (tokens, {l: h_l}) per batch of {"tokens": [B_local, T]}; updates `stats` if given."""
+  apply = hidden_fn(model, layers, mesh, rules)
+  start = 1 if exclude_first else 0
+  for batch in batches:
+    tokens, hidden = apply(batch["tokens"])
+    if stats is not None:
+      for layer, h in hidden.items():
+        local = np.concatenate([np.asarray(s.data) for s in h.addressable_shards
+                                if s.replica_id == 0])
+        stats[layer].update(local[:, start:])
+    yield tokens, hidden
+
+
+def checkpoint_fingerprint(ckpt_dir: str | os.PathLike) -> str:
+  """Identity of an HF checkpoint: config.json, weight files' headers, sizes and mtimes."""
+  digest = hashlib.sha256()
+  ckpt_dir = Path(ckpt_dir)
+  digest.update((ckpt_dir / "config.json").read_bytes())
+  for path in sorted(ckpt_dir.glob("*.safetensors")):
+    st = path.stat()
+    with open(path, "rb") as f:
+      header_len = int.from_bytes(f.read(8), "little")
+      digest.update(f.read(min(header_len, 1 << 24)))
+    digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+  return digest.hexdigest()
+
+
+def cache_key(**fields) -> str:
+  """Stable short hash of the JSON of `fields` (model, data, layers, dtype...)."""
+  text = json.dumps(fields, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def cache_hidden_states(model: Decoder, windows: np.ndarray, layers: Sequence[int], *,
+                        mesh: jax.sharding.Mesh, rules: Rules, batch_size: int,
+                        cache_root: str | os.PathLike, key_fields: dict,
+                        exclude_first: bool = True) -> Path:
+  """Computes (or finds) h_l of `windows` [N, T] for each layer; returns the cache directory.
+
+  Layout: tokens.npy [N, T] int32, layer_{l}.npy [N, T, D] float32, stats.json
+  ({l: {count, mean, std}}), meta.json (the key fields). N is cut to a
+  multiple of batch_size.
+  """
+  layers = sorted(set(int(l) for l in layers))
+  n = (len(windows) // batch_size) * batch_size
+  key = cache_key(layers=layers, n=n, window=int(windows.shape[1]), dtype=str(model.dtype),
+                  exclude_first=exclude_first, **key_fields)
+  final = Path(cache_root) / key
+  if (final / "meta.json").is_file():
+    return final
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
+  try:
+    d = model.cfg.hidden_size
+    np.save(tmp / "tokens.npy", windows[:n].astype(np.int32))
+    arrays = {l: np.lib.format.open_memmap(tmp / f"layer_{l}.npy", mode="w+", dtype=np.float32,
+                                           shape=(n, windows.shape[1], d)) for l in layers}
+    stats = {l: ChannelStats(d) for l in layers}
+    batches = ({"tokens": windows[i:i + batch_size]} for i in range(0, n, batch_size))
+    stream = hidden_stream(model, batches, layers, mesh=mesh, rules=rules, stats=stats,
+                           exclude_first=exclude_first)
+    for i, (_, hidden) in enumerate(stream):
+      for l in layers:
+        arrays[l][i * batch_size:(i + 1) * batch_size] = np.asarray(hidden[l])
+    for array in arrays.values():
+      array.flush()
+    (tmp / "stats.json").write_text(json.dumps({str(l): s.to_dict() for l, s in stats.items()}))
+    (tmp / "meta.json").write_text(json.dumps({"key": key, **key_fields, "layers": layers,
+                                               "n": n}, default=str, indent=2))
+    os.rename(tmp, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
