@@ -175,10 +175,8 @@ def test_checkpoint_fingerprint_changes_with_the_weights(tiny_llama, tmp_path):
 
 def test_data_from_config_on_a_user_folder(tmp_path):
   folder = tmp_path / "texts"
-  folder.mkdir()
   for b in range(2):
-    chapters = [f"CHAPTER {c + 1}\n\n" + " ".join(WORDS * (3 + c)) for c in range(6)]
-    (folder / f"book{b}.txt").write_text("Title page\n\n" + "\n\n".join(chapters))
+    _write_book(folder, f"book{b}.txt")
   config = load_config("tiny_llama")
   config.data.dir = str(folder)
   config.data.ood_dir = ""
@@ -202,9 +200,7 @@ def test_window_longer_than_max_positions_is_refused(tmp_path):
 
 def test_corpus_shorter_than_one_window_is_refused(tmp_path):
   folder = tmp_path / "short"
-  folder.mkdir()
-  for c in range(3):
-    (folder / f"b{c}.txt").write_text("CHAPTER 1\nshort.\nCHAPTER 2\nshort.\nCHAPTER 3\nshort.")
+  _write_book(folder, "b.txt", chapters=3, repeat=1)
   config = load_config("tiny_llama")
   config.data.dir = str(folder)
   config.data.ood_dir = ""
@@ -233,16 +229,41 @@ def test_dihal_data_command_on_the_shipped_corpora(tmp_path):
     assert s["windows"] == s["tokens"] // 63
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "not_utf8"])
-def test_dihal_data_bad_folders_exit_2(tmp_path, case):
+def _write_book(folder, name, chapters=6, repeat=3):
+  folder.mkdir(exist_ok=True)
+  body = "\n\n".join(f"CHAPTER {c + 1}\n\n" + " ".join(WORDS * (repeat + c)) for c in range(chapters))
+  (folder / name).write_text("Title page\n\n" + body)
+
+
+def test_dihal_data_command_on_a_user_folder(tmp_path):
+  for b in range(2):
+    _write_book(tmp_path / "mine", f"book{b}.txt")
+  proc = _dihal_data(tmp_path, f"--config.data.dir={tmp_path / 'mine'}", "--config.data.ood_dir=",
+                     "--config.data.window=32")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads((tmp_path / "work" / "report.json").read_text())
+  assert sum(s["documents"] for s in report["splits"].values()) == 12 and report["ood"] is None
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not_utf8", "too_short", "window_too_long"])
+def test_dihal_data_bad_input_exits_2(tmp_path, case):
   folder = tmp_path / "corpus"
-  if case != "missing":
+  overrides = [f"--config.data.dir={folder}"]
+  if case in ("empty", "not_utf8"):
     folder.mkdir()
   if case == "not_utf8":
     (folder / "bad.txt").write_bytes(b"CHAPTER 1\n\xff\xfe bad bytes")
-  proc = _dihal_data(tmp_path, f"--config.data.dir={folder}")
+  if case == "too_short":
+    _write_book(folder, "tiny.txt", chapters=3, repeat=1)
+    overrides += ["--config.data.window=1024", "--config.data.ood_dir="]
+  if case == "window_too_long":
+    _write_book(folder, "book.txt")
+    overrides += ["--config.data.window=4096"]  # tiny_llama: 2048 positions
+  proc = _dihal_data(tmp_path, *overrides)
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = [l for l in proc.stderr.splitlines() if l.strip()][-1]
   assert last.startswith("dihal: error:") and "Traceback" not in proc.stderr
-  assert str(folder) in last or "bad.txt" in last
+  expected = {"missing": str(folder), "empty": str(folder), "not_utf8": "bad.txt",
+              "too_short": "fewer than one window", "window_too_long": "data.window=4096"}[case]
+  assert expected in last, last
   assert not (tmp_path / "work" / "report.json").exists()

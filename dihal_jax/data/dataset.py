@@ -54,7 +54,8 @@ class Data:
                            f"({cfg.max_position_embeddings})")
     data_dir = cache_root(config) / "tfds"
     splits = corpus.corpus_splits(config.data.dir, config.data.splits.to_dict(), config.seed)
-    sources = dict(tfds_builder.build_text_dataset(splits, data_dir))
+    built = tfds_builder.build_text_dataset(splits, data_dir)
+    sources = {split: built[split] for split in splits}  # the config's split order
     if config.data.ood_dir:
       ood = corpus.corpus_splits(config.data.ood_dir, None, config.seed)
       sources[OOD] = tfds_builder.build_text_dataset(ood, data_dir)["test"]
