@@ -14,22 +14,8 @@ from typing import Any, Sequence
 import jax
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-  """Writes `obj` as JSON via a temporary file + rename (never half-written)."""
-  path = Path(path)
-  if jax.process_index() != 0:
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
-  return path
-
-
 def write_text(path: str | os.PathLike, text: str) -> Path:
-  """Writes text atomically (process 0 only)."""
+  """Writes text via a temporary file + rename (never half-written; process 0 only)."""
   path = Path(path)
   if jax.process_index() != 0:
     return path
@@ -39,6 +25,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     f.write(text)
   os.replace(tmp, path)
   return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+  """Writes `obj` as indented JSON, atomically (process 0 only)."""
+  return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
