@@ -46,6 +46,21 @@ def base() -> ml_collections.ConfigDict:
   c.data.read_threads = 2  # grain ReadOptions.num_threads
   c.data.cache_dir = ""  # tfds + hidden-state caches; "" = $DIHAL_CACHE_DIR or ~/.cache/dihal_jax
 
+  c.locate = ml_collections.ConfigDict()
+  c.locate.num_tokens = 16384  # tokens streamed (rounded down to whole batches)
+  c.locate.batch_size = 16  # windows per batch
+  c.locate.layers = ""  # candidate layers, e.g. "1,2,5-9"; "" = 1..L-1
+  c.locate.exclude_first = True  # position 0 (the separator's constant state) left out
+  c.locate.reservoir = 2048  # R token states kept per layer (same positions for all layers)
+  c.locate.anchors = 256  # M anchors for the local proxies
+  c.locate.k = 16  # nearest neighbours per anchor
+  c.locate.flat_dim = 4  # m: curvature = 1 - top-m eigenvalue share of the local covariance
+  c.locate.pairs = 4096  # S pairs for stiffness (and the median pairwise distance)
+  c.locate.ridge = 1e-3  # γ in P = (cov + γ tr(cov)/d I)^-1
+  # Score weights (signs: + stiffness, - curvature, - erank, - compactness; DESIGN.md).
+  c.locate.weights = ml_collections.ConfigDict(
+      dict(stiffness=1.0, curvature=-1.0, erank=-1.0, compactness=-1.0))
+
   c.parity = ml_collections.ConfigDict()
   c.parity.rows = 4  # rows of real text, right-padded to different lengths
   c.parity.tokens = 288  # tokens in the longest row (>= 256: short prompts hide RoPE bugs)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from dihal_jax import assets
 from dihal_jax.backbone import checkpoint
@@ -69,15 +70,18 @@ def compare_forward(model: Decoder, torch_model, tokens: np.ndarray, mask: np.nd
   ref_logits = out.logits.float().numpy()
   ref_hidden = [h.float().numpy() for h in out.hidden_states]
 
-  @jax.jit
-  def ours(tokens, mask):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit  # params are an argument, not closed-over constants
+  def ours(state, tokens, mask):
+    model = nnx.merge(graphdef, state)
     hidden, logits = model.hidden_states(tokens, range(cfg.num_layers + 1), mask=mask,
                                          with_logits=True)
     hidden[cfg.num_layers] = model.final_norm(hidden[cfg.num_layers])  # HF's last entry
     return hidden, logits
 
   t0 = time.perf_counter()
-  hidden, logits = jax.block_until_ready(ours(jnp.asarray(tokens), jnp.asarray(mask)))
+  hidden, logits = jax.block_until_ready(ours(state, jnp.asarray(tokens), jnp.asarray(mask)))
   jax_s = time.perf_counter() - t0
   logits = np.asarray(logits)
   kl = kl_float64(ref_logits[mask], logits[mask])
