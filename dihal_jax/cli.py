@@ -9,6 +9,7 @@ Commands:
   parity    JAX vs transformers (fp32): logits, KL, hidden states, greedy generation
   generate  continue --prompt with the backbone (KV cache; greedy, temperature, top-p)
   data      build the corpus splits (tfds, array_record) and count documents/tokens/windows
+  locate    geometry proxies per layer, the score and the selected layer l*
   demo      what exists end to end on the default model (see README)
 """
 
@@ -23,7 +24,7 @@ from ml_collections import config_flags
 
 from dihal_jax.errors import UserInputError
 
-COMMANDS = ("convert", "parity", "generate", "data", "demo")
+COMMANDS = ("convert", "parity", "generate", "data", "locate", "demo")
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -109,6 +110,7 @@ def _run(command: str, config, workdir: Path) -> int:
   from dihal_jax import demo, reports
   from dihal_jax.backbone import checkpoint, parity
   from dihal_jax.data import dataset
+  from dihal_jax.geometry import locate
 
   if command == "convert":
     report = checkpoint.convert_and_export(config, workdir)
@@ -122,6 +124,11 @@ def _run(command: str, config, workdir: Path) -> int:
   elif command == "data":
     report = dataset.prepare_data(config, workdir)
     print(dataset.summary(report))
+    ok = True
+  elif command == "locate":
+    report = locate.run_locate(config, workdir)
+    locate.plot(report, workdir / "geometry.png")
+    print(locate.summary(report))
     ok = True
   elif command == "generate":
     report = demo.generate_text(config, workdir, FLAGS.prompt, FLAGS.max_new_tokens,

@@ -1,0 +1,1 @@
+"""Geometry proxies of hidden-state clouds (effective rank, curvature, compactness, stiffness)."""
