@@ -106,22 +106,31 @@ def collect(model: Decoder, batches: Iterable[dict], layers: Sequence[int], *, n
     return mean, m2, h[:, keep]
 
   moments = {l: Moments() for l in layers}
-  kept, seen, keeps = [], 0, None
+  kept, seen, keeps, pending = [], 0, None, None
+
+  def merge(pending):  # host side of a finished batch (overlaps the next batch's compute)
+    (mean, m2, points), valid, count = jax.device_get(pending[0]), pending[1], pending[2]
+    for i, l in enumerate(layers):
+      moments[l].add(count, mean[i], m2[i])
+    kept.append(points[:, valid])
+
+  dispatched = 0
   for batch in tqdm(batches, total=num_batches, desc="locate", unit="batch",
                     disable=not progress):
     local = np.asarray(batch["tokens"])
     per_batch = local.shape[0] * (local.shape[1] - start) * jax.process_count()
     if keeps is None:
       keeps = reservoir_positions(num_batches, per_batch, reservoir, seed)
-    keep, valid = keeps[len(kept)]
+    keep, valid = keeps[dispatched]
     tokens = jax.make_array_from_process_local_data(tokens_sharding, local)
-    mean, m2, points = jax.device_get(batch_moments(state, tokens, keep))
-    for i, l in enumerate(layers):
-      moments[l].add(per_batch, mean[i], m2[i])
-    kept.append(points[:, valid])
-    seen += per_batch
-    if len(kept) == num_batches:
+    result = batch_moments(state, tokens, keep)  # asynchronous dispatch
+    if pending is not None:
+      merge(pending)
+    pending, dispatched, seen = (result, valid, per_batch), dispatched + 1, seen + per_batch
+    if dispatched == num_batches:
       break
+  if pending is not None:
+    merge(pending)
   if len(kept) < num_batches:
     raise UserInputError(f"locate.num_tokens: the data ran out after {seen} tokens")
   points = np.concatenate(kept, axis=1)
@@ -149,25 +158,36 @@ def standardize(points: np.ndarray, moments: Moments) -> np.ndarray:
   return ((points - moments.mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
-def layer_proxies(points: np.ndarray, moments: Moments, ref_points: np.ndarray,
-                  ref_moments: Moments, key: jax.Array, cfg: proxies.ProxyConfig) -> dict:
-  """Standardized proxies (scored) and raw ones (reported) of one layer."""
+def pair_distances(points: np.ndarray, moments: Moments, key: jax.Array,
+                   cfg: proxies.ProxyConfig) -> dict[str, jax.Array]:
+  """Squared Mahalanobis distances of the sampled pairs, standardized and raw."""
   cov = moments.cov.astype(np.float32)
-  ref_cov = ref_moments.cov.astype(np.float32)
-  corr, ref_corr = proxies.correlation(cov), proxies.correlation(ref_cov)
-  x, x0 = standardize(points, moments), standardize(ref_points, ref_moments)
+  return {"std": proxies.pair_distances(standardize(points, moments), proxies.correlation(cov),
+                                        key, cfg),
+          "raw": proxies.pair_distances(points, cov, key, cfg)}
+
+
+def layer_proxies(points: np.ndarray, moments: Moments, reference: dict[str, jax.Array],
+                  key: jax.Array, cfg: proxies.ProxyConfig) -> dict:
+  """Standardized proxies (scored) and raw ones (reported) of one layer.
+
+  `reference` holds the embedding layer's pair distances (`pair_distances`),
+  computed once for all layers: stiffness compares the same pairs.
+  """
+  cov = moments.cov.astype(np.float32)
+  x = standardize(points, moments)
   local = proxies.local_geometry(x, key, cfg)
   local_raw = proxies.local_geometry(points, key, cfg)
+  distances = pair_distances(points, moments, key, cfg)
   return {
-      "erank": float(proxies.effective_rank_from_cov(corr)),
+      "erank": float(proxies.effective_rank_from_cov(proxies.correlation(cov))),
       "curvature": float(local["curvature"]),
       "compactness": float(local["compactness"]),
-      "stiffness": float(proxies.stiffness(x, x0, key, cfg, cov=corr, cov0=ref_corr)),
+      "stiffness": float(proxies.spearman(distances["std"], reference["std"])),
       "erank_raw": float(proxies.effective_rank_from_cov(cov)),
       "curvature_raw": float(local_raw["curvature"]),
       "compactness_raw": float(local_raw["compactness"]),
-      "stiffness_raw": float(proxies.stiffness(points, ref_points, key, cfg, cov=cov,
-                                               cov0=ref_cov)),
+      "stiffness_raw": float(proxies.spearman(distances["raw"], reference["raw"])),
   }
 
 
@@ -223,7 +243,8 @@ def run_locate(config: ml_collections.ConfigDict, workdir, *, progress: bool = T
   stream_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   key = jax.random.key(config.seed)
-  rows = [{"layer": l, **layer_proxies(points[l], moments[l], points[0], moments[0], key, pcfg)}
+  reference = pair_distances(points[0], moments[0], key, pcfg)
+  rows = [{"layer": l, **layer_proxies(points[l], moments[l], reference, key, pcfg)}
           for l in tqdm(candidates, desc="proxies", disable=not progress)]
   selected = score_layers(rows, dict(c.weights))
   proxies_s = time.perf_counter() - t0

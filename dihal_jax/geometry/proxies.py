@@ -185,23 +185,47 @@ def local_geometry(X: jnp.ndarray, key: jax.Array,
 
 def _mahalanobis_sq(X: jnp.ndarray, cov: jnp.ndarray, i: jnp.ndarray, j: jnp.ndarray,
                     ridge: float) -> jnp.ndarray:
-  """[S] squared d_P(x_i, x_j), P = (cov + ridge·tr(cov)/d·I)^{-1}, via eigh (never NaN)."""
+  """[S] squared d_P(x_i, x_j), P = (cov + ridge·tr(cov)/d·I)^{-1}.
+
+  Cholesky + triangular solve (~10x faster than eigh at d = 576); if rounding
+  makes the ridged matrix not positive definite, falls back to eigh with the
+  eigenvalues clipped at 0 (never NaN).
+  """
   X = jnp.asarray(X, jnp.float32)
   cov = jnp.asarray(cov, jnp.float32)
-  shift = ridge * jnp.trace(cov) / cov.shape[0]
-  lam, vecs = jnp.linalg.eigh(cov)
-  lam = jnp.clip(lam, 0.0)
-  w = lam + jnp.where(shift > 0, shift, ridge)
-  z = jnp.matmul(X[i] - X[j], vecs, precision=HIGHEST)
-  return jnp.sum(z * z / w, axis=-1)
+  d = cov.shape[0]
+  shift = ridge * jnp.trace(cov) / d
+  shift = jnp.where(shift > 0, shift, ridge)
+  delta = X[i] - X[j]
+  chol = jnp.linalg.cholesky(cov + shift * jnp.eye(d, dtype=cov.dtype))
+
+  def via_cholesky(_):
+    z = jax.scipy.linalg.solve_triangular(chol, delta.T, lower=True)
+    return jnp.sum(z * z, axis=0)
+
+  def via_eigh(_):
+    lam, vecs = jnp.linalg.eigh(cov)
+    z = jnp.matmul(delta, vecs, precision=HIGHEST)
+    return jnp.sum(z * z / (jnp.clip(lam, 0.0) + shift), axis=-1)
+
+  return jax.lax.cond(jnp.all(jnp.isfinite(chol)), via_cholesky, via_eigh, None)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def pair_distances(X: jnp.ndarray, cov: jnp.ndarray, key: jax.Array,
+                   cfg: ProxyConfig) -> jnp.ndarray:
+  """[S] squared Mahalanobis distances of the pairs `sample_pairs(key, N, cfg.pairs)`.
+
+  Squared distances have the same ranks as distances; a reference layer's
+  distances can be computed once and reused for every layer (`locate`).
+  """
+  i, j = sample_pairs(key, X.shape[0], cfg.pairs)
+  return _mahalanobis_sq(X, cov, i, j, cfg.ridge)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _stiffness(X, X0, cov, cov0, key, cfg: ProxyConfig) -> jnp.ndarray:
-  # Squared distances: the same ranks as the distances.
-  i, j = sample_pairs(key, X.shape[0], cfg.pairs)
-  return spearman(_mahalanobis_sq(X, cov, i, j, cfg.ridge),
-                  _mahalanobis_sq(X0, cov0, i, j, cfg.ridge))
+  return spearman(pair_distances(X, cov, key, cfg), pair_distances(X0, cov0, key, cfg))
 
 
 def stiffness(X: jnp.ndarray, X0: jnp.ndarray, key: jax.Array, cfg: ProxyConfig = ProxyConfig(),
