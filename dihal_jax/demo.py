@@ -1,9 +1,10 @@
 """`make demo` / `dihal demo`: the main job on the embedded SmolLM2, as far as it exists.
 
-Today (backbone milestone): load and convert the embedded model, check parity
-with `transformers`, and continue a few Austen openings with the KV-cache
-generator. Writes report.json, report.md and parity.png into the workdir.
-Later milestones (locate, bridge, hybrid sampling, evaluation) extend this.
+Today: load and convert the embedded model, check parity with
+`transformers`, continue a few Austen openings with the KV-cache generator,
+and locate the diffusion-friendly layer with the geometry proxies. Writes
+report.json, report.md, parity.png and geometry.png into the workdir. Later
+milestones (the bridge, hybrid sampling, evaluation) extend this.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from dihal_jax import reports  # noqa: E402
 from dihal_jax.backbone import checkpoint, parity  # noqa: E402
 from dihal_jax.backbone.generate import generate  # noqa: E402
+from dihal_jax.geometry import locate  # noqa: E402
 
 DEMO_PROMPTS = (
     "Emma Woodhouse, handsome, clever, and rich, with a comfortable home",
@@ -68,8 +70,8 @@ def plot_hidden_diff(report: dict, path: Path):
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-  print("dihal demo: backbone milestone (convert + parity + greedy generation). Locate, the "
-        "bridge and hybrid sampling are not built yet.")
+  print("dihal demo: backbone + locate milestone (convert, parity, greedy generation, layer "
+        "geometry). The bridge and hybrid sampling are not built yet.")
   parity_report = parity.run_parity(config, workdir)
   print(parity.summary(parity_report))
   gen = generate_text(config, workdir, DEMO_PROMPTS, 32, 0.0, 1.0)
@@ -79,5 +81,10 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   for row in gen["samples"]:
     print(f"--- {row['prompt']}\n{row['continuation']}")
     lines += [f"**{row['prompt']}** {row['continuation']}", ""]
+  geometry = locate.run_locate(config, workdir)
+  locate.plot(geometry, workdir / "geometry.png")
+  print(locate.summary(geometry))
+  lines += ["## Geometry per layer (locate)", "", locate.summary(geometry), "",
+            "![geometry](geometry.png)", ""]
   reports.write_text(workdir / "report.md", "\n".join(lines))
-  return {"parity": parity_report, "generation": gen}
+  return {"parity": parity_report, "generation": gen, "locate": geometry}
