@@ -40,6 +40,13 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    # The bridge UNet (~15M params) is replicated: data parallelism only.
+    ("channels", None),
+    ("channels_out", None),
+    ("conv_taps", None),
+    ("time_embed", None),
+    ("time_embed_out", None),
+    ("classes", None),
 )
 
 
