@@ -267,3 +267,30 @@ def test_dihal_data_bad_input_exits_2(tmp_path, case):
               "too_short": "fewer than one window", "window_too_long": "data.window=4096"}[case]
   assert expected in last, last
   assert not (tmp_path / "work" / "report.json").exists()
+
+
+def test_cached_batches_are_cache_rows_and_resume(tiny_llama, tmp_path):
+  import pickle
+  mesh = make_mesh({"data": 1})
+  model = load_model(tiny_llama, mesh=mesh, rules=DEFAULT_RULES)
+  windows = np.random.default_rng(2).integers(0, 307, (12, 8)).astype(np.int32)
+  cache = hidden.cache_hidden_states(model, windows, [1], mesh=mesh, rules=DEFAULT_RULES,
+                                     batch_size=4, cache_root=tmp_path, key_fields={"d": 1})
+  source = pickle.loads(pickle.dumps(hidden.CachedLayer(cache, 1)))
+  rows = np.load(cache / "layer_1.npy")
+  it = iter(hidden.cached_batches(cache, 1, batch_size=3, seed=0))
+  seen = []
+  for _ in range(4):  # one epoch of 12 rows
+    batch = next(it)
+    for h, t in zip(batch["h"], batch["tokens"]):
+      i = int(np.flatnonzero((windows == t).all(1))[0])
+      np.testing.assert_array_equal(h, rows[i])
+      seen.append(i)
+  assert sorted(seen) == list(range(12)) and len(source) == 12
+  state = it.get_state()
+  want = next(it)["h"]
+  resumed = iter(hidden.cached_batches(cache, 1, batch_size=3, seed=0))
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["h"], want)
+  with pytest.raises(FileNotFoundError):
+    hidden.CachedLayer(cache, 2)

@@ -163,3 +163,41 @@ def cache_hidden_states(model: Decoder, windows: np.ndarray, layers: Sequence[in
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return final
+
+
+class CachedLayer:
+  """grain random-access source over one cached layer: record i = {"h": [T, D], "tokens": [T]}.
+
+  The arrays are memory-mapped lazily, so the source pickles as two paths.
+  """
+
+  def __init__(self, cache_dir: str | os.PathLike, layer: int):
+    self.h_path = Path(cache_dir) / f"layer_{int(layer)}.npy"
+    self.tokens_path = Path(cache_dir) / "tokens.npy"
+    if not self.h_path.is_file():
+      raise FileNotFoundError(f"{self.h_path}: layer {layer} is not in this cache")
+    self._h = self._tokens = None
+
+  def _open(self):
+    if self._h is None:
+      self._h = np.load(self.h_path, mmap_mode="r")
+      self._tokens = np.load(self.tokens_path, mmap_mode="r")
+
+  def __len__(self) -> int:
+    self._open()
+    return len(self._h)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    self._open()
+    return {"h": np.asarray(self._h[index]), "tokens": np.asarray(self._tokens[index])}
+
+  def __getstate__(self):
+    return {"h_path": self.h_path, "tokens_path": self.tokens_path, "_h": None, "_tokens": None}
+
+
+def cached_batches(cache_dir: str | os.PathLike, layer: int, *, batch_size: int, seed: int,
+                   shard_index: int = 0, shard_count: int = 1) -> "grain.IterDataset":
+  """Seeded, endlessly repeated, checkpointable batches {"h": [B, T, D], "tokens": [B, T]}."""
+  import grain
+  ds = grain.MapDataset.source(CachedLayer(cache_dir, layer)).shuffle(seed=seed).repeat()
+  return ds[shard_index::shard_count].batch(batch_size, drop_remainder=True).to_iter_dataset()
