@@ -1,0 +1,258 @@
+"""One optimizer step of the bridge UNet, data parallel over a device mesh.
+
+What: the training loop's body. Given standardized hidden states x0 [B, n, d],
+it draws per-example times t ~ U(1e-3, 1), a known-position mask (position 0
+always; random prefixes and spans, DESIGN "Bridge"), and Gaussian noise; builds
+x_t = q_sample(x0, t, noise) with the *clean* x0 imposed at known positions
+(the UNet also receives known = x0 * mask as its conditioning input); takes
+the diffusion loss over the unknown positions; applies AdamW with global-norm
+clipping and a warmup-cosine learning rate; and updates an EMA of the params.
+
+Why this way:
+- Every random draw comes from `fold_in(key, state.step)`: the caller passes
+  one base key for the whole run, so a step is reproducible from (state, key)
+  alone, and resuming from a checkpoint repeats the same draws.
+- Known positions hold clean x0 in x_t: the diffusion module found RePaint's
+  noised re-imposition biased, and the sampler sets them exactly as well.
+- Data parallelism is the `jit`-with-shardings flavour: the batch is sharded
+  over the mesh's batch axes (`batch_sharding`), params / optimizer state /
+  EMA follow `param_shardings` (replicated under DEFAULT_RULES, whose UNet
+  axes map to None), and XLA inserts the gradient all-reduce itself. The same
+  jitted function runs on 1..N devices; only the mesh changes.
+- The state is donated (`donate_argnums=0`): params, optimizer moments and
+  EMA are updated in place, never twice in memory.
+
+Usage:
+  model = UNet(d, UNetConfig(), rngs=nnx.Rngs(0))
+  optim_cfg = OptimConfig(lr=3e-4, total_steps=10_000)
+  state = init_train_state(model, make_optimizer(optim_cfg))
+  step = make_train_step(DiffusionConfig(), optim_cfg, make_mesh({"data": -1}), DEFAULT_RULES)
+  key = jax.random.key(seed)
+  for batch in batches:                           # [B, n, d] standardized h_l
+    state, metrics = step(state, batch, key)      # the same key every step
+  ema_model = nnx.merge(state.graphdef, state.ema, state.rest)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dihal_jax.backbone.model import param_shardings
+from dihal_jax.bridge import diffusion
+from dihal_jax.data.hidden import batch_sharding
+from dihal_jax.parallel.sharding import Rules
+
+T_MIN = 1e-3  # training times t ~ U(T_MIN, 1): avoids the degenerate t = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW + global-norm clipping + warmup-cosine schedule + EMA (hashable)."""
+
+  lr: float = 3e-4            # peak learning rate
+  warmup_steps: int = 100     # linear warmup 0 -> lr
+  total_steps: int = 1000     # cosine decay lr -> 0 ends here (warmup included)
+  weight_decay: float = 0.01  # decoupled; only on matrices / conv kernels (ndim >= 2)
+  clip_norm: float = 1.0      # global gradient norm clip
+  ema_decay: float = 0.999
+  b1: float = 0.9
+  b2: float = 0.99
+
+
+def _schedule(cfg: OptimConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=cfg.total_steps, end_value=0.0)
+
+
+def learning_rate(cfg: OptimConfig, step) -> float:
+  """The learning rate used by the update at `step` (0-based).
+
+  lr·step/warmup during warmup, then lr·(1 + cos(π·(step - warmup)/(total - warmup)))/2,
+  0 from total_steps on.
+  """
+  return float(_schedule(cfg)(step))
+
+
+def _decay_mask(params):
+  """True for parameters with ndim >= 2 (no weight decay on biases and norm scales)."""
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm(clip_norm) followed by AdamW on the warmup-cosine schedule."""
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.clip_norm),
+      optax.adamw(_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                  mask=_decay_mask))
+
+
+def sample_known_mask(key: jax.Array, batch: int, n: int, *, p_prefix: float = 0.5,
+                      p_span: float = 0.25) -> jax.Array:
+  """bool [batch, n]: which positions are given clean to the UNet.
+
+  Position 0 is always known (the bridge's anchor). Per row, with probability
+  p_prefix a prefix 0..L-1 with L uniform in 1..n-1; with probability p_span
+  position 0 plus a span s..e-1 with s uniform in 1..n-1 and e uniform in
+  s+1..n; otherwise only position 0. (L = 1 and s = 1 give masks that look like
+  "only 0" and "prefix" respectively.)
+  """
+  if n < 2:
+    return jnp.ones((batch, n), bool)
+  if not (0.0 <= p_prefix and 0.0 <= p_span and p_prefix + p_span <= 1.0):
+    raise ValueError(f"sample_known_mask: p_prefix={p_prefix}, p_span={p_span} must be "
+                     ">= 0 and sum to <= 1")
+  k_kind, k_len, k_start, k_end = jax.random.split(key, 4)
+  u = jax.random.uniform(k_kind, (batch,))
+  length = jax.random.randint(k_len, (batch,), 1, n)                     # 1..n-1
+  start = jax.random.randint(k_start, (batch,), 1, n)                    # 1..n-1
+  # e uniform in s+1..n: floor(v·(n - s)) is uniform in 0..n-s-1.
+  v = jax.random.uniform(k_end, (batch,))
+  end = start + 1 + jnp.minimum(jnp.floor(v * (n - start)).astype(jnp.int32), n - start - 1)
+  pos = jnp.arange(n)[None, :]
+  prefix = pos < length[:, None]
+  span = (pos == 0) | ((pos >= start[:, None]) & (pos < end[:, None]))
+  only0 = jnp.broadcast_to(pos == 0, (batch, n))
+  kind_prefix = (u < p_prefix)[:, None]
+  kind_span = ((u >= p_prefix) & (u < p_prefix + p_span))[:, None]
+  return jnp.where(kind_prefix, prefix, jnp.where(kind_span, span, only0))
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes (a pytree; graphdef is static).
+
+  Attributes:
+    graphdef: the UNet's structure (nnx.split), static.
+    params: nnx.State of the nnx.Param variables.
+    rest: every other variable (dropout RNG streams); reseeded each step, unchanged.
+    opt_state: the optax state of `make_optimizer`.
+    ema: exponential moving average of params (same structure).
+    step: int32 scalar, number of steps taken.
+  """
+
+  graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+  params: nnx.State
+  rest: nnx.State
+  opt_state: optax.OptState
+  ema: nnx.State
+  step: jax.Array
+
+  def model(self, ema: bool = False) -> nnx.Module:
+    """The UNet with the current (or EMA) parameters."""
+    return nnx.merge(self.graphdef, self.ema if ema else self.params, self.rest)
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> TrainState:
+  """Step 0: params from `model`, fresh optimizer state, EMA = a copy of the params."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # A real copy: the state is donated, and params and ema must not share buffers.
+  ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+  return TrainState(graphdef=graphdef, params=params, rest=rest,
+                    opt_state=optimizer.init(params), ema=ema,
+                    step=jnp.zeros((), jnp.int32))
+
+
+def _reseed(model: nnx.Module, key: jax.Array) -> None:
+  """Gives every RNG stream of `model` (dropout) its own key derived from `key`."""
+  i = 0
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.RngStream):
+      node.key.set_value(jax.random.fold_in(key, i))
+      node.count.set_value(jnp.zeros((), jnp.uint32))
+      i += 1
+
+
+def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array, *,
+               diffusion_cfg: diffusion.DiffusionConfig,
+               optimizer: optax.GradientTransformation,
+               ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW step on the diffusion loss (un-jitted; see `make_train_step`).
+
+  Args:
+    state: the TrainState.
+    batch_x0: [B, n, d] standardized hidden states.
+    key: the run's base PRNG key; this step's draws come from fold_in(key, state.step).
+    diffusion_cfg: schedule and prediction target (static).
+    optimizer: from `make_optimizer` (static).
+    ema_decay: ema <- decay·ema + (1 - decay)·params.
+  Returns:
+    (new state, {"loss": scalar, "grad_norm": scalar (before clipping), "lr": scalar}).
+  """
+  chex.assert_rank(batch_x0, 3)
+  b, n, _ = batch_x0.shape
+  x0 = jnp.asarray(batch_x0, jnp.float32)
+  k_t, k_mask, k_noise, k_drop = jax.random.split(jax.random.fold_in(key, state.step), 4)
+  t = jax.random.uniform(k_t, (b,), jnp.float32, T_MIN, 1.0)
+  known_mask = sample_known_mask(k_mask, b, n)
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  mask = known_mask[..., None]
+  x_t = jnp.where(mask, x0, diffusion.q_sample(x0, t, noise, diffusion_cfg.schedule))
+  known = jnp.where(mask, x0, 0.0)
+
+  def loss_fn(params):
+    model = nnx.merge(state.graphdef, params, state.rest, copy=True)
+    _reseed(model, k_drop)
+    out = model(x_t, t, known_mask, known, deterministic=False)
+    return diffusion.loss(out, x0, noise, t, ~known_mask, diffusion_cfg)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = optax.incremental_update(params, state.ema, step_size=1.0 - ema_decay)
+  new_state = state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return new_state, metrics
+
+
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
+                    optimizer: optax.GradientTransformation) -> TrainState:
+  """A TrainState-shaped tree of NamedShardings: params, EMA and the optimizer's
+  per-parameter moments per `param_shardings`, everything else replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params = param_shardings(state.params, mesh, rules)  # Variables holding shardings
+  opt = optax.tree_utils.tree_map_params(
+      optimizer, lambda _, s: s, state.opt_state, params,
+      transform_non_params=lambda _: replicated)
+  rest = jax.tree.map(lambda _: replicated, state.rest)
+  return state.replace(params=params, rest=rest, opt_state=opt, ema=params, step=replicated)
+
+
+def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimConfig,
+                    mesh: jax.sharding.Mesh, rules: Rules):
+  """A callable (state, batch [B, n, d], key) -> (new state, metrics), jitted once.
+
+  The first call fixes the state's shardings (`state_shardings`); every call
+  places state and batch there (a no-op when already placed: a batch from
+  `batch_sharding(mesh, rules, 3)`, the previous step's state). B must be a
+  multiple of the mesh's batch-axis size. The state passed in is donated:
+  don't use it after the call.
+  """
+  diffusion.validate(diffusion_cfg)
+  optimizer = make_optimizer(optim_cfg)
+  x_sharding = batch_sharding(mesh, rules, 3)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  fn = functools.partial(train_step, diffusion_cfg=diffusion_cfg, optimizer=optimizer,
+                         ema_decay=optim_cfg.ema_decay)
+  compiled = {}
+
+  def step(state: TrainState, batch, key):
+    if "fn" not in compiled:
+      shardings = state_shardings(state, mesh, rules, optimizer)
+      compiled["shardings"] = shardings
+      compiled["fn"] = jax.jit(fn, in_shardings=(shardings, x_sharding, replicated),
+                               out_shardings=(shardings, replicated), donate_argnums=(0,))
+    state = jax.device_put(state, compiled["shardings"])
+    batch = jax.device_put(batch, x_sharding)
+    key = jax.device_put(key, replicated)
+    return compiled["fn"](state, batch, key)
+
+  return step
