@@ -10,6 +10,7 @@ Commands:
   generate  continue --prompt with the backbone (KV cache; greedy, temperature, top-p)
   data      build the corpus splits (tfds, array_record) and count documents/tokens/windows
   locate    geometry proxies per layer, the score and the selected layer l*
+  train     train the diffusion bridge at bridge.layer (auto = l*), resumable
   demo      what exists end to end on the default model (see README)
 """
 
@@ -24,7 +25,7 @@ from ml_collections import config_flags
 
 from dihal_jax.errors import UserInputError
 
-COMMANDS = ("convert", "parity", "generate", "data", "locate", "demo")
+COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "demo")
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -65,8 +66,8 @@ def _override_error(error: Exception, args: list[str]) -> str:
 
 def _log_environment():
   import jax
-  logging.info("jax %s, process %d/%d, devices %s", jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
+  print(f"jax {jax.__version__}, process {jax.process_index()}/{jax.process_count()}, "
+        f"devices {jax.devices()}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
@@ -98,7 +99,8 @@ def main(argv: list[str]) -> int:
     probe.unlink()
   except OSError as e:
     return _fail(f"--workdir={workdir}: not writable ({e.strerror})")
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
   _log_environment()
   try:
     return _run(command, FLAGS.config, workdir)
@@ -109,6 +111,7 @@ def main(argv: list[str]) -> int:
 def _run(command: str, config, workdir: Path) -> int:
   from dihal_jax import demo, reports
   from dihal_jax.backbone import checkpoint, parity
+  from dihal_jax.bridge import train
   from dihal_jax.data import dataset
   from dihal_jax.geometry import locate
 
@@ -129,6 +132,15 @@ def _run(command: str, config, workdir: Path) -> int:
     report = locate.run_locate(config, workdir)
     locate.plot(report, workdir / "geometry.png")
     print(locate.summary(report))
+    ok = True
+  elif command == "train":
+    try:
+      report = train.run_train(config, workdir)
+    except train.TrainingStopped as e:
+      print(f"dihal: training stopped: {e}", file=sys.stderr)
+      return 1
+    print(f"trained the bridge at layer {report['layer']} to step {report['steps']}: "
+          f"{report['final']}")
     ok = True
   elif command == "generate":
     report = demo.generate_text(config, workdir, FLAGS.prompt, FLAGS.max_new_tokens,

@@ -61,6 +61,30 @@ def base() -> ml_collections.ConfigDict:
   c.locate.weights = ml_collections.ConfigDict(
       dict(stiffness=1.0, curvature=-1.0, erank=-1.0, compactness=-1.0))
 
+  c.bridge = ml_collections.ConfigDict()
+  c.bridge.layer = "auto"  # interface layer l: "auto" = l* of the locate report (runs locate)
+  c.bridge.normalization = "per_channel"  # or "global" (bridge/normalization.py)
+  c.bridge.unet = ml_collections.ConfigDict(dict(  # bridge/unet.py::UNetConfig
+      channels=128, channel_mults=(1, 2, 2), blocks_per_level=2, attention_levels=(1, 2),
+      heads=4, groups=8, dropout=0.0))
+  c.bridge.diffusion = ml_collections.ConfigDict(dict(  # bridge/diffusion.py::DiffusionConfig
+      schedule="cosine", prediction="v", steps=50, sampler="ddim", eta=0.0))
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # optimizer steps (a run may be extended: resumable change)
+  c.train.batch_size = 16  # global windows per step
+  c.train.lr = 3e-4
+  c.train.warmup_steps = 100
+  c.train.weight_decay = 0.01
+  c.train.clip_norm = 1.0
+  c.train.ema_decay = 0.999
+  c.train.checkpoint_every = 200
+  c.train.max_to_keep = 3
+  c.train.log_every = 10
+  c.train.val_every = 100
+  c.train.cache_windows = 4096  # train windows whose h_l is cached (the training set)
+  c.train.val_windows = 256  # validation windows (fixed batch, fixed key)
+
   c.parity = ml_collections.ConfigDict()
   c.parity.rows = 4  # rows of real text, right-padded to different lengths
   c.parity.tokens = 288  # tokens in the longest row (>= 256: short prompts hide RoPE bugs)

@@ -1,0 +1,209 @@
+"""`dihal train`: fit the bridge to h_l of the train split, resumably.
+
+Flow: pick l ("auto" = l* of the locate report, running locate when there is
+none) -> cache h_l of the first `train.cache_windows` train windows and
+`train.val_windows` validation windows (data/hidden.py) -> per-channel
+normalization from the cached statistics -> seeded, checkpointable batches
+(grain over the cache) -> jitted data-parallel steps (bridge/train_step.py)
+-> metrics.jsonl, periodic validation loss, Orbax checkpoints
+(bridge/checkpoint.py), loss.png.
+
+Resume: start = restore the latest readable checkpoint (params, EMA,
+optimizer state, step, grain iterator state; the RNG is fold_in(seed, step)).
+SIGTERM finishes the step, saves and exits 0. A non-finite loss stops with a
+message naming the step; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from dihal_jax import reports
+from dihal_jax.backbone import checkpoint as backbone_checkpoint
+from dihal_jax.bridge import diffusion
+from dihal_jax.bridge.checkpoint import BridgeCheckpointer
+from dihal_jax.bridge.normalization import Normalizer
+from dihal_jax.bridge.train_step import (OptimConfig, init_train_state, learning_rate,
+                                         make_optimizer, make_train_step, sample_known_mask)
+from dihal_jax.bridge.unet import UNet, UNetConfig
+from dihal_jax.data import hidden
+from dihal_jax.data.dataset import Data, cache_root
+from dihal_jax.errors import UserInputError
+from dihal_jax.geometry import locate
+from dihal_jax.parallel.sharding import make_mesh
+
+
+class TrainingStopped(Exception):
+  """A non-finite loss: training stops, the last good checkpoint stays."""
+
+
+def interface_layer(config: ml_collections.ConfigDict, workdir: Path) -> int:
+  """config.bridge.layer, or l* from workdir/locate/report.json (running locate if missing)."""
+  spec = str(config.bridge.layer)
+  if spec != "auto":
+    try:
+      return int(spec)
+    except ValueError:
+      raise UserInputError(f"bridge.layer={spec!r}: expected 'auto' or a layer number") from None
+  report_path = workdir / "locate" / "report.json"
+  if not report_path.is_file():
+    report = locate.run_locate(config, workdir / "locate")
+    reports.write_json(report_path, report)
+    locate.plot(report, workdir / "locate" / "geometry.png")
+  return int(json.loads(report_path.read_text())["selected_layer"])
+
+
+def _window_array(data: Data, split: str, count: int) -> np.ndarray:
+  rows = []
+  for window in data.windows(split, batch_size=None, shuffle=False, num_epochs=1):
+    rows.append(window["tokens"])
+    if len(rows) == count:
+      break
+  return np.stack(rows)
+
+
+def _checkpoint_state(state):
+  return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state,
+          "ema": state.ema, "step": state.step}
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
+              progress: bool = True) -> dict:
+  workdir = Path(workdir)
+  t = config.train
+  t0 = time.perf_counter()
+  data = Data.from_config(config, workdir)
+  ckpt_dir = backbone_checkpoint.checkpoint_dir(config, workdir)
+  backbone = backbone_checkpoint.load_backbone(config, ckpt_dir)
+  layer = interface_layer(config, workdir)
+  if not 0 <= layer < backbone.cfg.num_layers:
+    raise UserInputError(f"bridge.layer={layer}: expected 0..{backbone.cfg.num_layers - 1}")
+  mesh, rules = make_mesh(config.mesh.to_dict()), tuple(config.logical_axis_rules)
+  key_fields = {"model": hidden.checkpoint_fingerprint(ckpt_dir), "data": config.data.to_dict(),
+                "seed": config.seed}
+  caches = {}
+  for split, count in (("train", t.cache_windows), ("validation", t.val_windows)):
+    windows = _window_array(data, split, count)
+    caches[split] = hidden.cache_hidden_states(
+        backbone, windows, [layer], mesh=mesh, rules=rules, batch_size=t.batch_size,
+        cache_root=cache_root(config) / "hidden", key_fields=dict(key_fields, split=split))
+  del backbone
+  stats = json.loads((caches["train"] / "stats.json").read_text())[str(layer)]
+  norm = Normalizer.from_stats(stats, config.bridge.normalization)
+  setup_s = time.perf_counter() - t0
+
+  dim = len(stats["mean"])
+  unet = UNet(dim, UNetConfig(**config.bridge.unet.to_dict()), rngs=nnx.Rngs(config.seed))
+  optim_cfg = OptimConfig(lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                          weight_decay=t.weight_decay, clip_norm=t.clip_norm,
+                          ema_decay=t.ema_decay)
+  diffusion_cfg = diffusion.DiffusionConfig(**config.bridge.diffusion.to_dict())
+  state = init_train_state(unet, make_optimizer(optim_cfg))
+  step_fn = make_train_step(diffusion_cfg, optim_cfg, mesh, rules)
+  batches = iter(hidden.cached_batches(caches["train"], layer, batch_size=t.batch_size,
+                                       seed=config.seed, shard_index=jax.process_index(),
+                                       shard_count=jax.process_count()))
+  checkpointer = BridgeCheckpointer(workdir / "checkpoints", save_every=t.checkpoint_every,
+                                    max_to_keep=t.max_to_keep, config=config.to_dict())
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint_state(state))
+  restored = checkpointer.restore_latest(abstract, batches)
+  start = 0
+  if restored is not None:
+    start, saved, _ = restored
+    state = state.replace(**saved)
+    print(f"resumed from step {start}")
+  val_x0 = norm.forward(np.load(caches["validation"] / f"layer_{layer}.npy")[:t.batch_size])
+  key = jax.random.key(config.seed)
+  val_loss_fn = _val_loss_fn(state, diffusion_cfg, jax.random.key(config.seed + 1))
+
+  stop = {"sigterm": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+  metrics_path = workdir / "metrics.jsonl"
+  extra = {"layer": layer, "normalizer": norm.to_dict()}
+  step = start
+  try:
+    with open(metrics_path, "a") as log:
+      bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train",
+                 disable=not progress)
+      for step in bar:
+        tick = time.perf_counter()
+        x0 = norm.forward(next(batches)["h"])
+        state, metrics = step_fn(state, x0, key)
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          raise TrainingStopped(f"non-finite loss {loss} at step {step + 1}; the last good "
+                                f"checkpoint (step {max(checkpointer.all_steps(), default=0)}) "
+                                "is kept")
+        done = step + 1
+        seconds = time.perf_counter() - tick
+        row = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+               "lr": float(learning_rate(optim_cfg, done)), "step_time_s": seconds,
+               "tokens_per_s": x0.shape[0] * x0.shape[1] / seconds}
+        if done % t.val_every == 0 or done == t.steps:
+          row["val_loss"] = float(val_loss_fn(state, val_x0))
+        if done % t.log_every == 0 or "val_loss" in row or done == t.steps:
+          log.write(json.dumps(row) + "\n")
+          log.flush()
+          bar.set_postfix(loss=f"{loss:.4f}")
+        checkpointer.save(done, _checkpoint_state(state), batches, extra,
+                          force=stop["sigterm"] or done == t.steps)
+        if stop["sigterm"]:
+          print(f"SIGTERM: saved step {done}, exiting")
+          break
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    checkpointer.close()
+  rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+  _plot_loss(rows, workdir / "loss.png")
+  return {"layer": layer, "steps": step + 1 if rows else start, "start_step": start,
+          "final": rows[-1] if rows else None, "interrupted": stop["sigterm"],
+          "cache": {k: str(v) for k, v in caches.items()},
+          "timings": {"setup_s": setup_s, "total_s": time.perf_counter() - t0}}
+
+
+def _val_loss_fn(state, diffusion_cfg, key):
+  """Validation loss of the EMA params on a fixed batch with fixed draws (comparable over time)."""
+  graphdef = state.graphdef
+
+  @jax.jit
+  def val_loss(state, x0):
+    model = nnx.merge(graphdef, state.ema, state.rest)
+    b, n, _ = x0.shape
+    k_t, k_mask, k_noise = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, (b,), minval=1e-3, maxval=1.0)
+    mask = sample_known_mask(k_mask, b, n)
+    noise = jax.random.normal(k_noise, x0.shape)
+    x_t = jnp.where(mask[..., None], x0, diffusion.q_sample(x0, t, noise, diffusion_cfg.schedule))
+    out = model(x_t, t, mask, x0 * mask[..., None])
+    return diffusion.loss(out, x0, noise, t, ~mask, diffusion_cfg)
+
+  return val_loss
+
+
+def _plot_loss(rows: list[dict], path: Path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+  val = [r for r in rows if "val_loss" in r]
+  if val:
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (EMA)")
+  ax.set_xlabel("step")
+  ax.set_yscale("log")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

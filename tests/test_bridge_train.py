@@ -1,0 +1,129 @@
+"""`dihal train` end to end on the tiny model: kill -9 resume, SIGTERM, NaN stop, config mismatch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+
+
+def _args(tmp_path, workdir, *extra):
+  return [sys.executable, "-m", "dihal_jax.cli", "train", "--config=configs/tiny_llama.py",
+          f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+          "--config.bridge.layer=1", f"--config.train.steps={STEPS}",
+          "--config.train.checkpoint_every=10", "--config.train.log_every=1",
+          "--config.train.val_every=20", "--config.train.cache_windows=64",
+          "--config.train.val_windows=8", "--config.train.batch_size=8",
+          "--config.train.warmup_steps=5", "--config.bridge.unet.channels=16",
+          "--config.bridge.unet.heads=2", "--config.bridge.unet.groups=4", *extra]
+
+
+def _run(tmp_path, workdir, *extra, timeout=600):
+  return subprocess.run(_args(tmp_path, workdir, *extra), cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    # Orbax writes into a temporary name and renames to the bare step number when committed.
+    done = [p for p in (workdir / "checkpoints").glob("[0-9]*") if p.name.isdigit()]
+    if done:
+      return
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    time.sleep(0.05)
+  raise TimeoutError("no checkpoint appeared")
+
+
+def _losses(workdir):
+  rows = {}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    rows[row["step"]] = row["loss"]  # a re-run step after a restart overwrites the earlier row
+  return rows
+
+
+def _final_state(workdir):
+  return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "state")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("train")
+  proc = _run(tmp_path, tmp_path / "a")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return tmp_path, tmp_path / "a"
+
+
+def test_kill_9_and_restart_reproduces_the_uninterrupted_run(uninterrupted):
+  tmp_path, run_a = uninterrupted
+  run_b = tmp_path / "b"
+  proc = subprocess.Popen(_args(tmp_path, run_b), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(proc, run_b)
+  assert proc.poll() is None  # still training: the kill interrupts it
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(run_b))
+  assert killed_at < STEPS
+  again = _run(tmp_path, run_b)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from step" in again.stdout
+  a, b = _losses(run_a), _losses(run_b)
+  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  assert all(a[s] == b[s] for s in a), [s for s in a if a[s] != b[s]][:5]
+  final_a, final_b = _final_state(run_a), _final_state(run_b)
+  leaves_a = jax_leaves(final_a)
+  leaves_b = jax_leaves(final_b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y)  # bit for bit
+
+
+def jax_leaves(tree):
+  import jax
+  import jax.numpy as jnp
+  return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                     else x) for x in jax.tree.leaves(tree)]
+
+
+def test_sigterm_saves_and_exits_0_then_resumes(uninterrupted):
+  tmp_path, _ = uninterrupted
+  run = tmp_path / "sigterm"
+  proc = subprocess.Popen(_args(tmp_path, run), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(proc, run)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  assert "SIGTERM: saved step" in out
+  saved = int(out.split("SIGTERM: saved step")[1].split()[0].rstrip(","))
+  again = _run(tmp_path, run)
+  assert again.returncode == 0 and f"resumed from step {saved}" in again.stdout
+
+
+def test_non_finite_loss_stops_with_the_step_named(uninterrupted):
+  tmp_path, _ = uninterrupted
+  proc = _run(tmp_path, tmp_path / "nan", "--config.train.lr=1e30", "--config.train.clip_norm=1e30")
+  assert proc.returncode == 1
+  assert "non-finite loss" in proc.stderr and "at step" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_from_another_config_is_refused(uninterrupted):
+  tmp_path, run_a = uninterrupted
+  proc = _run(tmp_path, run_a, "--config.bridge.unet.channels=32")
+  assert proc.returncode == 2
+  last = [l for l in proc.stderr.splitlines() if l.strip()][-1]
+  assert last.startswith("dihal: error:") and "bridge.unet.channels" in last
