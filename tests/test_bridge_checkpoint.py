@@ -200,3 +200,14 @@ print("OK")
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=120, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_relative_directory_works(tmp_path, monkeypatch):
+  """Orbax's tensorstore backend rejects relative paths mid-save; users pass --workdir=runs/x."""
+  monkeypatch.chdir(tmp_path)
+  _, states = _train("relative/ckpt", 2)
+  ckpt = BridgeCheckpointer("relative/ckpt", save_every=2, max_to_keep=5, config=CONFIG)
+  step, state, _ = ckpt.restore_latest(_abstract(), _data_iter())
+  assert step == 2 and (tmp_path / "relative" / "ckpt" / "2").is_dir()
+  _assert_same(state, states[2])
+  ckpt.close()

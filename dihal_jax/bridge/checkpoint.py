@@ -102,7 +102,9 @@ class BridgeCheckpointer:
       raise UserInputError(f"checkpoint save_every must be >= 1, got {save_every}")
     if max_to_keep < 1:
       raise UserInputError(f"checkpoint max_to_keep must be >= 1, got {max_to_keep}")
-    self.directory = epath.Path(directory)
+    # Orbax's tensorstore backend needs absolute local paths ("runs/x" fails mid-save).
+    self.directory = epath.Path(directory if "://" in str(directory)
+                                else os.path.abspath(directory))
     self.save_every = save_every
     self.config = _json_normal(config)  # fails here (TypeError) if not JSON-able
     self.ignore_fields = tuple(ignore_fields)
