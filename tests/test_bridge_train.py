@@ -47,11 +47,10 @@ def _wait_for_checkpoint(proc, workdir, timeout=600):
 
 
 def _losses(workdir):
-  rows = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    rows[row["step"]] = row["loss"]  # a re-run step after a restart overwrites the earlier row
-  return rows
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps = [row["step"] for row in rows]
+  assert steps == sorted(set(steps)), "a restart must drop rows past the restored step"
+  return {row["step"]: row["loss"] for row in rows}
 
 
 def _final_state(workdir):

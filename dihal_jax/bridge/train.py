@@ -127,9 +127,13 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   key = jax.random.key(config.seed)
   val_loss_fn = _val_loss_fn(state, diffusion_cfg, jax.random.key(config.seed + 1))
 
+  metrics_path = workdir / "metrics.jsonl"
+  if metrics_path.exists():  # drop rows past the restored step (and a torn last line)
+    kept = [line for line in metrics_path.read_text().splitlines()
+            if _logged_step(line) is not None and _logged_step(line) <= start]
+    reports.write_text(metrics_path, "".join(line + "\n" for line in kept))
   stop = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-  metrics_path = workdir / "metrics.jsonl"
   extra = {"layer": layer, "normalizer": norm.to_dict()}
   step = start
   try:
@@ -170,6 +174,13 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           "final": rows[-1] if rows else None, "interrupted": stop["sigterm"],
           "cache": {k: str(v) for k, v in caches.items()},
           "timings": {"setup_s": setup_s, "total_s": time.perf_counter() - t0}}
+
+
+def _logged_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return None
 
 
 def _val_loss_fn(state, diffusion_cfg, key):
