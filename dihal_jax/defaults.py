@@ -63,10 +63,11 @@ def base() -> ml_collections.ConfigDict:
 
   c.bridge = ml_collections.ConfigDict()
   c.bridge.layer = "auto"  # interface layer l: "auto" = l* of the locate report (runs locate)
-  c.bridge.normalization = "per_channel"  # or "global" (bridge/normalization.py)
+  c.bridge.normalization = "per_channel"  # or "global", "pca_whiten" (bridge/normalization.py)
+  c.bridge.pca_init = False  # input projection d -> C initialized with the top-C PCA directions
   c.bridge.unet = ml_collections.ConfigDict(dict(  # bridge/unet.py::UNetConfig
       channels=128, channel_mults=(1, 2, 2), blocks_per_level=2, attention_levels=(1, 2),
-      heads=4, groups=8, dropout=0.0))
+      heads=4, groups=8, dropout=0.0, self_condition=False))
   c.bridge.diffusion = ml_collections.ConfigDict(dict(  # bridge/diffusion.py::DiffusionConfig
       schedule="cosine", prediction="v", steps=50, sampler="ddim", eta=0.0))
 
@@ -77,7 +78,8 @@ def base() -> ml_collections.ConfigDict:
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.01
   c.train.clip_norm = 1.0
-  c.train.ema_decay = 0.999
+  c.train.ema_decay = 0.999  # reached after warm-up: decay_k = min(0.999, (1 + k)/(10 + k))
+  c.train.self_condition_prob = 0.5  # with bridge.unet.self_condition: share of 2-pass examples
   c.train.checkpoint_every = 200
   c.train.max_to_keep = 3
   c.train.log_every = 10

@@ -394,3 +394,36 @@ def test_bad_schedule_and_prediction_outside_the_sampler():
     alpha_bar(t, "sigmoid")
   with pytest.raises(UserInputError, match=r"bridge\.prediction="):
     loss(x, x, x, t, jnp.ones((2, 3), bool), DiffusionConfig(prediction="score"))
+
+
+def test_sampling_from_a_partly_noised_start_keeps_the_mixture():
+  """SDEdit start: x_start = q_sample(x0, 0.5) with x0 from the mixture; denoising from t = 0.5
+  with the exact denoiser must return draws from the same mixture."""
+  rng = np.random.default_rng(3)
+  comp = rng.random(4000) < MIX_W[1]
+  x0 = np.where(comp, rng.normal(MIX_MU[1], MIX_S[1], 4000), rng.normal(MIX_MU[0], MIX_S[0], 4000))
+  a, sigma = ref_a_sigma(np.array([0.5]))
+  x_start = (a * x0 + sigma * rng.normal(size=4000)).reshape(4000, 1, 1).astype(np.float32)
+  cfg = DiffusionConfig(prediction="v", steps=100)
+  x = np.asarray(sample(denoiser(mixture_x0, cfg), KEY, (4000, 1, 1), cfg, x_start=x_start,
+                        t_start=0.5)).ravel()
+  pos, neg = x[x > 0], x[x <= 0]
+  assert len(pos) / len(x) == pytest.approx(MIX_W[1], abs=0.03)
+  assert neg.mean() == pytest.approx(MIX_MU[0], abs=0.05)
+  assert pos.mean() == pytest.approx(MIX_MU[1], abs=0.05)
+  assert pos.std() == pytest.approx(MIX_S[1], abs=0.05)
+  with pytest.raises(ValueError, match="t_start"):
+    sample(denoiser(mixture_x0, cfg), KEY, (2, 1, 1), cfg, t_start=0.0)
+
+
+def test_self_conditioning_feeds_the_previous_x0_estimate():
+  """x0-prediction model out = x0_prev + 1. Deterministic DDIM, 3 steps: estimates 1, 2, 3, and
+  the last step (σ_s = 0) returns the last estimate. Without self-conditioning: 1."""
+  cfg = DiffusionConfig(prediction="x0", steps=3, eta=0.0)
+
+  def fn(x_t, t, known_mask, labels, x0_prev=None):
+    return (0.0 if x0_prev is None else x0_prev) + jnp.ones_like(x_t)
+
+  got = np.asarray(sample(fn, KEY, (2, 4, 3), cfg, self_condition=True))
+  np.testing.assert_allclose(got, 3.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(sample(fn, KEY, (2, 4, 3), cfg)), 1.0, atol=1e-5)

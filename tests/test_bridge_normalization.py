@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dihal_jax.bridge.normalization import Normalizer
+from dihal_jax.bridge.normalization import Normalizer, covariance, pca_components
 from dihal_jax.data.hidden import ChannelStats
 from dihal_jax.errors import UserInputError
 
@@ -47,4 +47,44 @@ def test_round_trip_through_dict_and_bad_kind():
   np.testing.assert_array_equal(again.mean, norm.mean)
   np.testing.assert_array_equal(again.scale, norm.scale)
   with pytest.raises(UserInputError, match="bridge.normalization"):
-    Normalizer.from_stats(_stats(_data()), "pca_whiten")
+    Normalizer.from_stats(_stats(_data()), "zca")
+
+
+def _correlated(n=20_000, d=5):
+  rng = np.random.default_rng(1)
+  mixing = rng.normal(size=(d, d)) * np.array([30.0, 1, 1, 0.1, 1])[:, None]
+  return (rng.standard_normal((n, d)) @ mixing + 5.0).astype(np.float32)
+
+
+def test_covariance_matches_numpy_and_skips_position_zero():
+  h = _correlated(4000).reshape(400, 10, 5)
+  h[:, 0] = 1e4  # position 0 is excluded: a huge value there must not matter
+  want = np.cov(h[:, 1:].reshape(-1, 5).astype(np.float64), rowvar=False, bias=True)
+  np.testing.assert_allclose(covariance(h, chunk=7), want, rtol=1e-9, atol=1e-9)
+
+
+def test_pca_whiten_decorrelates_and_inverts():
+  h = _correlated()
+  x = h.astype(np.float64)
+  cov = np.cov(x, rowvar=False, bias=True)
+  norm = Normalizer.from_stats(_stats(h), "pca_whiten", cov=cov)
+  z = np.asarray(norm.forward(h), np.float64)
+  np.testing.assert_allclose(np.cov(z, rowvar=False, bias=True), np.eye(5), atol=2e-3)
+  assert np.all(np.diff(norm.scale) <= 0)  # descending variance
+  np.testing.assert_allclose(np.asarray(norm.inverse(z)), h, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(norm.normalized_covariance(cov), np.eye(5), atol=1e-4)  # f32 basis
+  again = Normalizer.from_dict(norm.to_dict())
+  np.testing.assert_array_equal(again.basis, norm.basis)
+  with pytest.raises(ValueError, match="covariance"):
+    Normalizer.from_stats(_stats(h), "pca_whiten")
+
+
+def test_pca_components_are_the_top_eigenvectors():
+  rng = np.random.default_rng(2)
+  q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  cov = q @ np.diag([9.0, 4.0, 1.0, 0.5, 0.2, 0.1]) @ q.T
+  comps = pca_components(cov, 2)
+  for j in range(2):  # each column is ± the j-th direction
+    assert abs(abs(comps[:, j] @ q[:, j]) - 1) < 1e-6
+  with pytest.raises(UserInputError, match="pca_init"):
+    pca_components(cov, 7)

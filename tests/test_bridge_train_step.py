@@ -5,6 +5,7 @@ training test goes through one of two module-level step functions (8-device
 and 1-device meshes), so XLA compiles the training step only twice.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -15,9 +16,10 @@ import pytest
 from flax import nnx
 
 from dihal_jax.bridge.diffusion import DiffusionConfig
-from dihal_jax.bridge.train_step import (OptimConfig, TrainState, init_train_state,
-                                         learning_rate, make_optimizer, make_train_step,
-                                         sample_known_mask)
+from dihal_jax.bridge import diffusion
+from dihal_jax.bridge.train_step import (OptimConfig, TrainState, ema_decay_at,
+                                         init_train_state, learning_rate, make_optimizer,
+                                         make_train_step, sample_known_mask, train_step)
 from dihal_jax.bridge.unet import UNet, UNetConfig
 from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
@@ -149,8 +151,8 @@ def test_loss_decreases_and_ema_follows_recursion(init_params, step8):
   assert int(state.step) == 30
   assert np.all(np.isfinite(losses))
   assert losses[-5:].mean() < 0.8 * losses[:5].mean(), losses
-  d = OPTIM.ema_decay
-  for params in trajectory:
+  for k, params in enumerate(trajectory):
+    d = min(OPTIM.ema_decay, (1 + k) / (10 + k))  # warm-up: 0.1, 0.18, 0.25, ... then 0.9
     ema = [d * e + (1 - d) * p for e, p in zip(ema, params)]
   for got, want, last in zip(_np_params(state, ema=True), ema, trajectory[-1]):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
@@ -182,3 +184,60 @@ def test_same_init_and_key_are_bit_identical(init_params, step8):
   for _ in range(3):
     c, _ = step8(c, X0, jax.random.key(8))
   assert any(not np.array_equal(x, y) for x, y in zip(_np_params(a), _np_params(c)))
+
+
+def test_ema_decay_warmup_values():
+  cfg = OptimConfig(ema_decay=0.999)
+  got = [float(ema_decay_at(cfg, k)) for k in (0, 1, 8, 990, 10_000)]
+  np.testing.assert_allclose(got, [0.1, 2 / 11, 9 / 18, 991 / 1000, 0.999], rtol=1e-6)
+  fixed = OptimConfig(ema_decay=0.99, ema_warmup=False)
+  assert float(ema_decay_at(fixed, 0)) == pytest.approx(0.99)
+
+
+_CALLS = []
+
+
+class _Recorder(nnx.Module):
+  """A stand-in UNet that records (labels, x0_prev) of every call into _CALLS."""
+
+  def __init__(self):
+    self.cfg = UNetConfig(self_condition=True)
+    self.w = nnx.Param(jnp.ones((D,)))
+
+  def __call__(self, x_t, t, known_mask, known, labels=None, x0_prev=None, *, deterministic):
+    _CALLS.append((labels, x0_prev))
+    return x_t * self.w[...]
+
+
+def test_self_conditioning_and_label_dropout_inputs():
+  """Second pass gets stop-gradient x0 estimates for ~p of the rows and zeros for the rest;
+  labels are nulled with probability label_dropout."""
+  b = 512
+  x0 = jnp.asarray(np.random.default_rng(1).normal(size=(b, N, D)), jnp.float32)
+  labels = jnp.arange(b) % 3
+  state = init_train_state(_Recorder(), make_optimizer(OPTIM))
+  _CALLS.clear()
+  train_step(state, x0, KEY, labels, diffusion_cfg=DIFF, optimizer=make_optimizer(OPTIM),
+             optim_cfg=OPTIM, self_condition_prob=0.25, label_dropout=0.4)
+  (labels1, prev1), (labels2, prev2) = _CALLS
+  assert prev1 is None
+  used = np.asarray(jnp.any(prev2 != 0, axis=(1, 2)))
+  assert abs(used.mean() - 0.25) < 0.07, used.mean()
+  nulled = np.asarray(labels2) == diffusion.NULL_LABEL
+  assert abs(nulled.mean() - 0.4) < 0.07, nulled.mean()
+  np.testing.assert_array_equal(np.asarray(labels2)[~nulled], np.asarray(labels)[~nulled])
+  np.testing.assert_array_equal(np.asarray(labels1), np.asarray(labels2))
+
+
+def test_self_conditioned_unet_trains():
+  cfg = dataclasses.replace(CFG, self_condition=True, num_classes=3, dropout=0.0)
+  model = UNet(D, cfg, rngs=nnx.Rngs(0))
+  step = make_train_step(DIFF, OPTIM, make_mesh({"data": 1}), DEFAULT_RULES)
+  state = init_train_state(model, make_optimizer(OPTIM))
+  labels = np.arange(B) % 3
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, X0, KEY, labels)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses

@@ -206,23 +206,33 @@ def _step(x0_hat: jax.Array, eps_hat: jax.Array, x_t: jax.Array, a_t, sigma_t, a
 
 def sample(denoise_fn: DenoiseFn, key: jax.Array, shape: tuple[int, int, int],
            cfg: DiffusionConfig, *, known: jax.Array | None = None,
-           known_mask: jax.Array | None = None, labels: jax.Array | None = None) -> jax.Array:
-  """x0 [B, n, d] float32 drawn by cfg.sampler in cfg.steps steps from t = 1 to 0.
+           known_mask: jax.Array | None = None, labels: jax.Array | None = None,
+           self_condition: bool = False, x_start: jax.Array | None = None,
+           t_start: float = 1.0) -> jax.Array:
+  """x0 [B, n, d] float32 drawn by cfg.sampler from t = t_start to 0.
 
   Args:
     denoise_fn: (x_t [B, n, d], t [B], known_mask [B, n] bool, labels [B] int or None)
-      -> model output [B, n, d] in cfg.prediction's form.
+      -> model output [B, n, d] in cfg.prediction's form; with `self_condition`
+      it takes a fifth argument, the previous step's x0 estimate (zeros first).
     key: PRNG key; x_1 from fold_in(key, 0), step k's draws from fold_in(key, k).
     shape: (B, n, d).
     cfg: the diffusion settings (validated here).
     known: [B, n, d] values of the known positions (inpainting); others ignored.
     known_mask: [B, n] bool, True where `known` holds (default: none known).
     labels: [B] int class ids for guidance, NULL_LABEL = unconditional.
+    self_condition: feed each step the previous step's x0 estimate.
+    x_start: [B, n, d] the state at t_start (default: pure noise, t_start = 1).
+      SDEdit-style re-noising: x_start = q_sample(x0, t_start, noise).
+    t_start: where x_start sits; the sampler takes round(cfg.steps · t_start)
+      steps (at least 1) on the grid k / cfg.steps.
   Returns:
     [B, n, d] float32; equal to `known` at the known positions.
   """
   validate(cfg)
   b, n, d = shape
+  if not 0.0 < t_start <= 1.0:
+    raise ValueError(f"sample: t_start={t_start} outside (0, 1]")
   if known_mask is None:
     known_mask = jnp.zeros((b, n), bool)
   if known is None:
@@ -234,19 +244,27 @@ def sample(denoise_fn: DenoiseFn, key: jax.Array, shape: tuple[int, int, int],
   known = jnp.asarray(known, jnp.float32)
   known_mask = jnp.asarray(known_mask, bool)
   mask = known_mask[..., None]
+  first = max(1, round(cfg.steps * t_start))  # the number of steps taken
 
-  def body(i, x):
-    k = cfg.steps - i
-    t, s = k / cfg.steps, (k - 1) / cfg.steps
+  def body(i, carry):
+    x, x0_prev = carry
+    k = first - i
+    t = jnp.where(first == cfg.steps, k / cfg.steps, k * (t_start / first))
+    s = jnp.where(first == cfg.steps, (k - 1) / cfg.steps, (k - 1) * (t_start / first))
     (a_t, sigma_t), (a_s, sigma_s) = signal_noise(t, cfg.schedule), signal_noise(s, cfg.schedule)
     key_known, key_step = jax.random.split(jax.random.fold_in(key, k))
     noised = a_t * known + sigma_t * jax.random.normal(key_known, shape, jnp.float32)
     x = jnp.where(mask, noised, x)
     t_vec = jnp.full((b,), t, jnp.float32)
-    out = guided(denoise_fn, x, t_vec, known_mask, labels, cfg.guidance)
+    fn = (lambda *a: denoise_fn(*a, x0_prev)) if self_condition else denoise_fn
+    out = guided(fn, x, t_vec, known_mask, labels, cfg.guidance)
     x0_hat, eps_hat = predict_x0_eps(jnp.asarray(out, jnp.float32), x, t_vec, cfg)
-    return _step(x0_hat, eps_hat, x, a_t, sigma_t, a_s, sigma_s, key_step, cfg)
+    return _step(x0_hat, eps_hat, x, a_t, sigma_t, a_s, sigma_s, key_step, cfg), x0_hat
 
-  x = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-  x = jax.lax.fori_loop(0, cfg.steps, body, x)
+  if x_start is None:
+    x = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+  else:
+    chex.assert_shape(x_start, shape)
+    x = jnp.asarray(x_start, jnp.float32)
+  x, _ = jax.lax.fori_loop(0, first, body, (x, jnp.zeros(shape, jnp.float32)))
   return jnp.where(mask, known, x)

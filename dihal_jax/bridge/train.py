@@ -2,8 +2,8 @@
 
 Flow: pick l ("auto" = l* of the locate report, running locate when there is
 none) -> cache h_l of the first `train.cache_windows` train windows and
-`train.val_windows` validation windows (data/hidden.py) -> per-channel
-normalization from the cached statistics -> seeded, checkpointable batches
+`train.val_windows` validation windows (data/hidden.py) -> normalization
+(per_channel / global / pca_whiten) from the cached statistics -> seeded, checkpointable batches
 (grain over the cache) -> jitted data-parallel steps (bridge/train_step.py)
 -> metrics.jsonl, periodic validation loss, Orbax checkpoints
 (bridge/checkpoint.py), loss.png.
@@ -33,7 +33,7 @@ from dihal_jax import reports
 from dihal_jax.backbone import checkpoint as backbone_checkpoint
 from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.checkpoint import BridgeCheckpointer
-from dihal_jax.bridge.normalization import Normalizer
+from dihal_jax.bridge.normalization import Normalizer, covariance, pca_components
 from dihal_jax.bridge.train_step import (OptimConfig, init_train_state, learning_rate,
                                          make_optimizer, make_train_step, sample_known_mask)
 from dihal_jax.bridge.unet import UNet, UNetConfig
@@ -100,17 +100,24 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         cache_root=cache_root(config) / "hidden", key_fields=dict(key_fields, split=split))
   del backbone
   stats = json.loads((caches["train"] / "stats.json").read_text())[str(layer)]
-  norm = Normalizer.from_stats(stats, config.bridge.normalization)
+  cov = None
+  if config.bridge.normalization == "pca_whiten" or config.bridge.pca_init:
+    cov = covariance(np.load(caches["train"] / f"layer_{layer}.npy", mmap_mode="r"))
+  norm = Normalizer.from_stats(stats, config.bridge.normalization, cov=cov)
   setup_s = time.perf_counter() - t0
 
   dim = len(stats["mean"])
-  unet = UNet(dim, UNetConfig(**config.bridge.unet.to_dict()), rngs=nnx.Rngs(config.seed))
+  unet_cfg = UNetConfig(**config.bridge.unet.to_dict())
+  unet = UNet(dim, unet_cfg, rngs=nnx.Rngs(config.seed))
+  if config.bridge.pca_init:
+    unet.init_input_projection(pca_components(norm.normalized_covariance(cov), unet_cfg.channels))
   optim_cfg = OptimConfig(lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
                           weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                           ema_decay=t.ema_decay)
   diffusion_cfg = diffusion.DiffusionConfig(**config.bridge.diffusion.to_dict())
   state = init_train_state(unet, make_optimizer(optim_cfg))
-  step_fn = make_train_step(diffusion_cfg, optim_cfg, mesh, rules)
+  step_fn = make_train_step(diffusion_cfg, optim_cfg, mesh, rules,
+                            self_condition_prob=t.self_condition_prob)
   batches = iter(hidden.cached_batches(caches["train"], layer, batch_size=t.batch_size,
                                        seed=config.seed, shard_index=jax.process_index(),
                                        shard_count=jax.process_count()))

@@ -6,7 +6,10 @@ always; random prefixes and spans, DESIGN "Bridge"), and Gaussian noise; builds
 x_t = q_sample(x0, t, noise) with the *clean* x0 imposed at known positions
 (the UNet also receives known = x0 * mask as its conditioning input); takes
 the diffusion loss over the unknown positions; applies AdamW with global-norm
-clipping and a warmup-cosine learning rate; and updates an EMA of the params.
+clipping and a warmup-cosine learning rate; and updates an EMA of the params
+(decay warmed up as min(decay, (1 + k)/(10 + k))). Options: self-conditioning
+(a UNet built with self_condition gets a stop-gradient first-pass x0 estimate
+for half the examples) and class labels with label dropout (for guidance).
 
 Why this way:
 - Every random draw comes from `fold_in(key, state.step)`: the caller passes
@@ -62,7 +65,8 @@ class OptimConfig:
   total_steps: int = 1000     # cosine decay lr -> 0 ends here (warmup included)
   weight_decay: float = 0.01  # decoupled; only on matrices / conv kernels (ndim >= 2)
   clip_norm: float = 1.0      # global gradient norm clip
-  ema_decay: float = 0.999
+  ema_decay: float = 0.999   # the EMA's final decay
+  ema_warmup: bool = True     # decay_k = min(ema_decay, (1 + k) / (10 + k)) at step k
   b1: float = 0.9
   b2: float = 0.99
 
@@ -80,6 +84,16 @@ def learning_rate(cfg: OptimConfig, step) -> float:
   0 from total_steps on.
   """
   return float(_schedule(cfg)(step))
+
+
+def ema_decay_at(cfg: OptimConfig, step):
+  """The EMA decay used by the update at `step` (0-based): with warm-up,
+  min(ema_decay, (1 + step) / (10 + step)), so a short run's EMA is not stuck
+  near the initial params (at 0.999 it would take ~1000 steps to forget them)."""
+  if not cfg.ema_warmup:
+    return jnp.asarray(cfg.ema_decay, jnp.float32)
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
 
 
 def _decay_mask(params):
@@ -171,43 +185,65 @@ def _reseed(model: nnx.Module, key: jax.Array) -> None:
       i += 1
 
 
-def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array, *,
+def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
+               labels: jax.Array | None = None, *,
                diffusion_cfg: diffusion.DiffusionConfig,
                optimizer: optax.GradientTransformation,
-               ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+               optim_cfg: OptimConfig,
+               self_condition_prob: float = 0.5,
+               label_dropout: float = 0.1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW step on the diffusion loss (un-jitted; see `make_train_step`).
 
   Args:
     state: the TrainState.
     batch_x0: [B, n, d] standardized hidden states.
     key: the run's base PRNG key; this step's draws come from fold_in(key, state.step).
+    labels: [B] int class ids (only for a UNet with num_classes > 0); each is
+      replaced by NULL_LABEL with probability `label_dropout`, which trains the
+      unconditional model classifier-free guidance needs.
     diffusion_cfg: schedule and prediction target (static).
     optimizer: from `make_optimizer` (static).
-    ema_decay: ema <- decay·ema + (1 - decay)·params.
+    optim_cfg: its settings; the EMA decay follows `ema_decay_at`.
+    self_condition_prob: for a UNet with self_condition, the share of examples
+      whose second pass sees the first pass's x0 estimate (stop-gradient,
+      Analog Bits); the others see zeros, as at the first sampling step.
+    label_dropout: see `labels`.
   Returns:
-    (new state, {"loss": scalar, "grad_norm": scalar (before clipping), "lr": scalar}).
+    (new state, {"loss": scalar, "grad_norm": scalar (before clipping)}).
   """
   chex.assert_rank(batch_x0, 3)
   b, n, _ = batch_x0.shape
   x0 = jnp.asarray(batch_x0, jnp.float32)
-  k_t, k_mask, k_noise, k_drop = jax.random.split(jax.random.fold_in(key, state.step), 4)
+  k_t, k_mask, k_noise, k_drop, k_sc, k_label = jax.random.split(
+      jax.random.fold_in(key, state.step), 6)
   t = jax.random.uniform(k_t, (b,), jnp.float32, T_MIN, 1.0)
   known_mask = sample_known_mask(k_mask, b, n)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   mask = known_mask[..., None]
   x_t = jnp.where(mask, x0, diffusion.q_sample(x0, t, noise, diffusion_cfg.schedule))
   known = jnp.where(mask, x0, 0.0)
+  if labels is not None:
+    chex.assert_shape(labels, (b,))
+    dropped = jax.random.bernoulli(k_label, label_dropout, (b,))
+    labels = jnp.where(dropped, diffusion.NULL_LABEL, labels)
 
   def loss_fn(params):
     model = nnx.merge(state.graphdef, params, state.rest, copy=True)
     _reseed(model, k_drop)
-    out = model(x_t, t, known_mask, known, deterministic=False)
+    x0_prev = None
+    if model.cfg.self_condition:
+      first = model(x_t, t, known_mask, known, labels, deterministic=False)
+      estimate, _ = diffusion.predict_x0_eps(first, x_t, t, diffusion_cfg)
+      use = jax.random.bernoulli(k_sc, self_condition_prob, (b,))[:, None, None]
+      x0_prev = jnp.where(use, jax.lax.stop_gradient(estimate), 0.0)
+    out = model(x_t, t, known_mask, known, labels, x0_prev, deterministic=False)
     return diffusion.loss(out, x0, noise, t, ~known_mask, diffusion_cfg)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema, step_size=1.0 - ema_decay)
+  decay = ema_decay_at(optim_cfg, state.step)
+  ema = optax.incremental_update(params, state.ema, step_size=1.0 - decay)
   new_state = state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   return new_state, metrics
@@ -227,8 +263,9 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
 
 
 def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimConfig,
-                    mesh: jax.sharding.Mesh, rules: Rules):
-  """A callable (state, batch [B, n, d], key) -> (new state, metrics), jitted once.
+                    mesh: jax.sharding.Mesh, rules: Rules, *, self_condition_prob: float = 0.5,
+                    label_dropout: float = 0.1):
+  """A callable (state, batch [B, n, d], key, labels=None) -> (new state, metrics), jitted once.
 
   The first call fixes the state's shardings (`state_shardings`); every call
   places state and batch there (a no-op when already placed: a batch from
@@ -240,19 +277,25 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
   optimizer = make_optimizer(optim_cfg)
   x_sharding = batch_sharding(mesh, rules, 3)
   replicated = NamedSharding(mesh, PartitionSpec())
+  label_sharding = batch_sharding(mesh, rules, 1)
   fn = functools.partial(train_step, diffusion_cfg=diffusion_cfg, optimizer=optimizer,
-                         ema_decay=optim_cfg.ema_decay)
+                         optim_cfg=optim_cfg, self_condition_prob=self_condition_prob,
+                         label_dropout=label_dropout)
   compiled = {}
 
-  def step(state: TrainState, batch, key):
+  def step(state: TrainState, batch, key, labels=None):
     if "fn" not in compiled:
       shardings = state_shardings(state, mesh, rules, optimizer)
       compiled["shardings"] = shardings
-      compiled["fn"] = jax.jit(fn, in_shardings=(shardings, x_sharding, replicated),
-                               out_shardings=(shardings, replicated), donate_argnums=(0,))
+      compiled["fn"] = jax.jit(
+          fn, in_shardings=(shardings, x_sharding, replicated,
+                            None if labels is None else label_sharding),
+          out_shardings=(shardings, replicated), donate_argnums=(0,))
     state = jax.device_put(state, compiled["shardings"])
     batch = jax.device_put(batch, x_sharding)
     key = jax.device_put(key, replicated)
-    return compiled["fn"](state, batch, key)
+    if labels is not None:
+      labels = jax.device_put(jnp.asarray(labels, jnp.int32), label_sharding)
+    return compiled["fn"](state, batch, key, labels)
 
   return step
