@@ -1,0 +1,1 @@
+"""Evaluation of generated text and hidden states: gen PPL, diversity, memorization, spread."""
