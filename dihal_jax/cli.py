@@ -11,6 +11,8 @@ Commands:
   data      build the corpus splits (tfds, array_record) and count documents/tokens/windows
   locate    geometry proxies per layer, the score and the selected layer l*
   train     train the diffusion bridge at bridge.layer (auto = l*), resumable
+  sample    bridge -> upper layers -> text (readout modes, --prompt, --infill) into samples.jsonl
+  eval      every method and reference row: gen PPL, diversity, memorization, spread, recovery
   demo      what exists end to end on the default model (see README)
 """
 
@@ -25,7 +27,7 @@ from ml_collections import config_flags
 
 from dihal_jax.errors import UserInputError
 
-COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "demo")
+COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "sample", "eval", "demo")
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -36,6 +38,16 @@ flags.DEFINE_multi_string("prompt", [], "generate: prompt text (repeatable).", f
 flags.DEFINE_integer("max_new_tokens", 32, "generate: tokens per prompt.", flag_values=FLAGS)
 flags.DEFINE_float("temperature", 0.0, "generate: 0 = greedy.", flag_values=FLAGS)
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus mass.", flag_values=FLAGS)
+flags.DEFINE_integer("num", None, "sample: number of samples (config sample.num).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("length", None, "sample: positions per sample (config sample.length).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "sample: bridge sampler steps (config sample.steps).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("readout", None, "sample: blockwise | lm_head | refine | identity "
+                    "(config sample.readout).", flag_values=FLAGS)
+flags.DEFINE_string("infill", "", "sample: text whose [___] gaps the bridge fills.",
+                    flag_values=FLAGS)
 
 
 def _fail(message: str) -> int:
@@ -142,6 +154,26 @@ def _run(command: str, config, workdir: Path) -> int:
     print(f"trained the bridge at layer {report['layer']} to step {report['steps']}: "
           f"{report['final']}")
     ok = True
+  elif command == "sample":
+    from dihal_jax.hybrid import sample
+    with config.unlocked():
+      for name in ("num", "length", "steps", "readout"):
+        if getattr(FLAGS, name) is not None:
+          setattr(config.sample, name, getattr(FLAGS, name))
+    prompts = FLAGS.prompt
+    if len(prompts) > 1:
+      return _fail("sample: give at most one --prompt")
+    report = sample.run_sample(config, workdir, prompt=prompts[0] if prompts else "",
+                               infill=FLAGS.infill)
+    for text in report["preview"]:
+      print(f"--- {text!r}")
+    print(f"{report['num']} samples ({report['readout']}) -> {report['samples']}")
+    ok = True
+  elif command == "eval":
+    from dihal_jax.eval import evaluate
+    report = evaluate.run_eval(config, workdir)
+    print(evaluate.summary(report))
+    ok = True
   elif command == "generate":
     report = demo.generate_text(config, workdir, FLAGS.prompt, FLAGS.max_new_tokens,
                                 FLAGS.temperature, FLAGS.top_p)
@@ -152,8 +184,9 @@ def _run(command: str, config, workdir: Path) -> int:
     report = demo.run_demo(config, workdir)
     ok = report["parity"]["passed"]
   report["config"] = config.to_dict()
-  reports.write_json(workdir / "report.json", report)
-  print(f"report: {workdir / 'report.json'}")
+  name = "sample_report.json" if command == "sample" else "report.json"  # keep eval's report
+  reports.write_json(workdir / name, report)
+  print(f"report: {workdir / name}")
   return 0 if ok else 1
 
 

@@ -87,6 +87,25 @@ def base() -> ml_collections.ConfigDict:
   c.train.cache_windows = 4096  # train windows whose h_l is cached (the training set)
   c.train.val_windows = 256  # validation windows (fixed batch, fixed key)
 
+  c.sample = ml_collections.ConfigDict()  # dihal sample (hybrid/sample.py, hybrid/readout.py)
+  c.sample.num = 64  # samples
+  c.sample.length = 0  # positions per sample; 0 = data.window
+  c.sample.steps = 50  # bridge sampler steps
+  c.sample.readout = "blockwise"  # blockwise | lm_head | refine | identity
+  c.sample.block = 8  # blockwise: positions per block
+  c.sample.temperature = 1.0  # lm_head draws (0 = argmax)
+  c.sample.top_p = 0.9
+  c.sample.rounds = 4  # refine: at most R rounds
+  c.sample.renoise_t = 0.3  # refine: re-noise level
+  c.sample.gap = 8  # infill: positions per [___]
+  c.sample.batch = 32  # samples per jitted call
+
+  c.eval = ml_collections.ConfigDict()  # dihal eval (eval/evaluate.py)
+  c.eval.methods = ""  # comma-separated rows; empty = all (evaluate.METHODS)
+  c.eval.num = 64  # samples per method and real windows per evaluation set
+  c.eval.noise_levels = (0.1, 0.3, 0.5)  # bridge val MSE and token recovery at these t
+  c.eval.show = 3  # sample texts per method in the report
+
   c.parity = ml_collections.ConfigDict()
   c.parity.rows = 4  # rows of real text, right-padded to different lengths
   c.parity.tokens = 288  # tokens in the longest row (>= 256: short prompts hide RoPE bugs)

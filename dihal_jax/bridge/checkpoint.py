@@ -221,3 +221,27 @@ class BridgeCheckpointer:
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
     self._manager.close()
+
+
+def read_latest(directory: str | os.PathLike, make_abstract_state) -> tuple[int, Any, dict, dict]:
+  """(step, state, extra, config) of the newest step, for inference (no data iterator).
+
+  `make_abstract_state(config, extra) -> abstract state tree`: the stored config
+  and extra come first, so the caller can build the model they describe.
+  """
+  directory = epath.Path(os.path.abspath(directory))
+  if not directory.is_dir():
+    raise UserInputError(f"no bridge checkpoints in {directory} (run `dihal train` first)")
+  manager = ocp.CheckpointManager(directory)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise UserInputError(f"no bridge checkpoints in {directory} (run `dihal train` first)")
+    meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                         extra=ocp.args.JsonRestore()))
+    abstract = make_abstract_state(meta["config"], meta["extra"])
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  finally:
+    manager.close()
+  return step, state, meta["extra"], meta["config"]

@@ -141,7 +141,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     reports.write_text(metrics_path, "".join(line + "\n" for line in kept))
   stop = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-  extra = {"layer": layer, "normalizer": norm.to_dict()}
+  extra = {"layer": layer, "normalizer": norm.to_dict(), "train_cache": str(caches["train"])}
   step = start
   try:
     with open(metrics_path, "a") as log:

@@ -1,0 +1,1 @@
+"""Hybrid generation: bridge samples of h_l -> frozen upper layers -> tokens."""
