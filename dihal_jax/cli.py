@@ -13,6 +13,7 @@ Commands:
   train     train the diffusion bridge at bridge.layer (auto = l*), resumable
   sample    bridge -> upper layers -> text (readout modes, --prompt, --infill) into samples.jsonl
   eval      every method and reference row: gen PPL, diversity, memorization, spread, recovery
+  sweep     the fixed bridge protocol at each of --layers; Spearman ρ of score vs val loss
   demo      what exists end to end on the default model (see README)
 """
 
@@ -27,7 +28,8 @@ from ml_collections import config_flags
 
 from dihal_jax.errors import UserInputError
 
-COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "sample", "eval", "demo")
+COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "sample", "eval", "sweep",
+            "demo")
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -46,6 +48,8 @@ flags.DEFINE_integer("steps", None, "sample: bridge sampler steps (config sample
                      flag_values=FLAGS)
 flags.DEFINE_string("readout", None, "sample: blockwise | lm_head | refine | identity "
                     "(config sample.readout).", flag_values=FLAGS)
+flags.DEFINE_string("layers", "", "sweep: layers to train, e.g. 0,1,2 or 1-4.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("infill", "", "sample: text whose [___] gaps the bridge fills.",
                     flag_values=FLAGS)
 
@@ -173,6 +177,16 @@ def _run(command: str, config, workdir: Path) -> int:
     from dihal_jax.eval import evaluate
     report = evaluate.run_eval(config, workdir)
     print(evaluate.summary(report))
+    ok = True
+  elif command == "sweep":
+    from dihal_jax.eval import sweep
+    try:
+      report = sweep.run_sweep(config, workdir, sweep.parse_layers(FLAGS.layers))
+    except train.TrainingStopped as e:  # finished layers stay cached
+      print(f"dihal: training stopped: {e}", file=sys.stderr)
+      return 1
+    sweep.plot(report, workdir / "sweep.png")
+    print(sweep.summary(report))
     ok = True
   elif command == "generate":
     report = demo.generate_text(config, workdir, FLAGS.prompt, FLAGS.max_new_tokens,

@@ -106,6 +106,9 @@ def base() -> ml_collections.ConfigDict:
   c.eval.noise_levels = (0.1, 0.3, 0.5)  # bridge val MSE and token recovery at these t
   c.eval.show = 3  # sample texts per method in the report
 
+  c.demo = ml_collections.ConfigDict()
+  c.demo.preset = "quick"  # dihal demo budget: quick | smoke | none (demo.PRESETS)
+
   c.parity = ml_collections.ConfigDict()
   c.parity.rows = 4  # rows of real text, right-padded to different lengths
   c.parity.tokens = 288  # tokens in the longest row (>= 256: short prompts hide RoPE bugs)

@@ -1,14 +1,16 @@
-"""`make demo` / `dihal demo`: the main job on the embedded SmolLM2, as far as it exists.
+"""`make demo` / `dihal demo`: the whole DiHAL pipeline on the embedded SmolLM2.
 
-Today: load and convert the embedded model, check parity with
-`transformers`, continue a few Austen openings with the KV-cache generator,
-and locate the diffusion-friendly layer with the geometry proxies. Writes
-report.json, report.md, parity.png and geometry.png into the workdir. Later
-milestones (the bridge, hybrid sampling, evaluation) extend this.
+Convert the embedded model, check parity with `transformers`, continue a few
+Austen openings with the KV-cache generator, locate l*, train the bridge at
+l* (and, inside eval, the l = 0 bridge of the same protocol), sample every
+method and evaluate it beside the `real_text` and `oracle` rows. A preset
+(`demo.preset`: quick | smoke | none) sets the budget. Writes report.json,
+report.md, parity.png, geometry.png, loss.png and eval.png into the workdir.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import jax
@@ -21,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from dihal_jax import reports  # noqa: E402
 from dihal_jax.backbone import checkpoint, parity  # noqa: E402
 from dihal_jax.backbone.generate import generate  # noqa: E402
+from dihal_jax.errors import UserInputError  # noqa: E402
 from dihal_jax.geometry import locate  # noqa: E402
 
 DEMO_PROMPTS = (
@@ -36,7 +39,6 @@ def generate_text(config: ml_collections.ConfigDict, workdir: Path, prompts, max
   ckpt = checkpoint.checkpoint_dir(config, workdir)
   tokenizer = checkpoint.load_tokenizer(ckpt)
   if tokenizer is None:
-    from dihal_jax.errors import UserInputError
     raise UserInputError(f"{ckpt}: checkpoint has no tokenizer; generate needs text")
   model = checkpoint.load_backbone(config, ckpt)
   prompts = list(prompts) or list(DEMO_PROMPTS)
@@ -69,22 +71,74 @@ def plot_hidden_diff(report: dict, path: Path):
   plt.close(fig)
 
 
+PRESETS = {
+    # `make demo` on 2 CPU cores: the whole pipeline at a small budget (minutes, not quality).
+    "quick": {"train.steps": 400, "train.warmup_steps": 40, "train.checkpoint_every": 200,
+              "train.val_every": 100, "train.cache_windows": 2048, "train.val_windows": 128,
+              "train.lr": 1e-3, "bridge.unet.channels": 64, "sample.steps": 20,
+              "sample.batch": 32, "eval.num": 32},
+    # The test suite's smoke run (tiny random model).
+    "smoke": {"train.steps": 12, "train.warmup_steps": 3, "train.checkpoint_every": 12,
+              "train.val_every": 6, "train.cache_windows": 32, "train.val_windows": 8,
+              "train.batch_size": 8, "bridge.unet.channels": 16, "bridge.unet.heads": 2,
+              "bridge.unet.groups": 4, "sample.steps": 4, "sample.batch": 8, "eval.num": 8,
+              "locate.num_tokens": 2048, "locate.batch_size": 8},
+    "none": {},  # the config exactly as given
+}
+
+
+def apply_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with `demo.preset`'s overrides."""
+  name = config.demo.preset
+  if name not in PRESETS:
+    raise UserInputError(f"demo.preset={name!r}: expected one of {', '.join(PRESETS)}")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for path, value in PRESETS[name].items():
+      section, field = path.split(".")
+      setattr(config[section], field, value)
+  return config
+
+
 def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-  print("dihal demo: backbone + locate milestone (convert, parity, greedy generation, layer "
-        "geometry). The bridge and hybrid sampling are not built yet.")
+  """parity -> greedy continuations -> locate -> train the bridge at l* -> eval every row."""
+  from dihal_jax.bridge.train import run_train
+  from dihal_jax.eval import evaluate
+
+  config = apply_preset(config)
+  t0 = time.perf_counter()
+  print(f"dihal demo (preset {config.demo.preset}): parity, locate, train DiHAL at l* and the "
+        "l = 0 bridge, sample, evaluate")
   parity_report = parity.run_parity(config, workdir)
   print(parity.summary(parity_report))
-  gen = generate_text(config, workdir, DEMO_PROMPTS, 32, 0.0, 1.0)
   plot_hidden_diff(parity_report, workdir / "parity.png")
-  lines = ["# dihal demo (backbone milestone)", "", parity.summary(parity_report), "",
-           "## Greedy continuations (JAX, KV cache)", ""]
-  for row in gen["samples"]:
-    print(f"--- {row['prompt']}\n{row['continuation']}")
-    lines += [f"**{row['prompt']}** {row['continuation']}", ""]
-  geometry = locate.run_locate(config, workdir)
+  gen = generate_text(config, workdir, DEMO_PROMPTS, 32, 0.0, 1.0)
+  geometry = locate.run_locate(config, workdir / "locate")
+  reports.write_json(workdir / "locate" / "report.json", geometry)
   locate.plot(geometry, workdir / "geometry.png")
   print(locate.summary(geometry))
-  lines += ["## Geometry per layer (locate)", "", locate.summary(geometry), "",
-            "![geometry](geometry.png)", ""]
-  reports.write_text(workdir / "report.md", "\n".join(lines))
-  return {"parity": parity_report, "generation": gen, "locate": geometry}
+  trained = run_train(config, workdir)
+  print(f"bridge at layer {trained['layer']}: {trained['final']}")
+  results = evaluate.run_eval(config, workdir)
+  eval_md = evaluate.summary(results)
+  print(eval_md)
+  lines = [f"# dihal demo (preset `{config.demo.preset}`)", "",
+           "Backbone parity, the geometry of every layer, the bridge at l*, and every row of "
+           "`dihal eval` at this preset's budget. Read gen PPL beside entropy and the "
+           "`real_text` / `oracle` rows (DESIGN.md, \"the crux\"); `ar_share` is the share of "
+           "blockwise tokens that are the backbone's own draws.", "",
+           "## Parity (fp32)", "", parity.summary(parity_report), "",
+           "## Geometry per layer (locate)", "", locate.summary(geometry), "",
+           "![geometry](geometry.png)", "",
+           f"## Bridge at layer {trained['layer']}", "", f"final: `{trained['final']}`", "",
+           "![loss](loss.png)", "", "## Evaluation", "", eval_md, "", "![eval](eval.png)", "",
+           "## Samples", ""]
+  for method, texts in results["samples"].items():
+    lines += [f"**{method}**", ""] + [f"> {t!r}" for t in texts] + [""]
+  lines += ["## Greedy continuations (backbone, KV cache)", ""]
+  lines += [f"**{row['prompt']}** {row['continuation']}" for row in gen["samples"]]
+  reports.write_text(workdir / "report.md", "\n".join(lines) + "\n")
+  return {"preset": config.demo.preset, "parity": parity_report, "generation": gen,
+          "locate": geometry, "train": trained, "results": results["results"],
+          "sets": results["sets"], "samples": results["samples"],
+          "effective_config": config.to_dict(), "timings": {"total_s": time.perf_counter() - t0}}

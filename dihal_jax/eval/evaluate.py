@@ -179,6 +179,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
     bar.update()
   bar.close()
 
+  text_rows = {m: _text_metrics(generated[m], backbone, train_ngrams, batch) for m in generated}
   results = {}
   for set_name, real in sets.items():
     rows = {}
@@ -192,8 +193,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
         h = real_main if real_main is not None else np.asarray(reader.lower(real))
         tokens = np.asarray(reader.lm_head(h, jax.random.fold_in(key, 7), cfg))
       else:
-        tokens = generated[method]
-      row = _text_metrics(tokens, backbone, train_ngrams, batch)
+        tokens = None
+      row = dict(text_rows[method]) if tokens is None else _text_metrics(tokens, backbone,
+                                                                         train_ngrams, batch)
       if method in states:
         at_l0 = method in ("dihal_l0", "embedding_rounding")
         bridge, real_h = (l0, real_l0) if at_l0 else (main, real_main)

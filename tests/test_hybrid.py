@@ -1,0 +1,241 @@
+"""Hybrid readouts against known answers: torch greedy decoding, teacher-forced argmax,
+NumPy class means and nearest neighbours; `dihal sample` / `dihal eval` end to end."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO
+from dihal_jax.backbone.checkpoint import byte_tokenizer
+from dihal_jax.backbone.convert import load_model
+from dihal_jax.bridge.diffusion import DiffusionConfig
+from dihal_jax.bridge.normalization import Normalizer
+from dihal_jax.errors import UserInputError
+from dihal_jax.hybrid.readout import (ClassMeanHead, Readout, ReadoutConfig, nearest_embedding,
+                                      validate)
+from dihal_jax.hybrid.sample import infill_template
+from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
+
+SEP, N = 1, 16
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints):
+  path = tiny_checkpoints["tiny_llama"]
+  model = load_model(path, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES)
+  return model, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+class StubBridge:
+  """A bridge stand-in: `fn(known_h, known_mask)` decides the sampled states."""
+
+  def __init__(self, fn, dim):
+    self.fn = fn
+    self.norm = Normalizer("per_channel", np.zeros(dim, np.float32), np.ones(dim, np.float32))
+    self.diffusion = DiffusionConfig()
+    self.calls = 0
+
+  def sample(self, key, known_h, known_mask, *, steps=None, x_start=None, t_start=1.0):
+    self.calls += 1
+    return self.fn(key, known_h, known_mask)
+
+
+def _torch_argmax(torch_model, tokens):
+  with torch.no_grad():
+    return torch_model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.argmax(-1)
+
+
+def test_blockwise_with_blocks_of_one_is_greedy_decoding(models):
+  """Block size 1: each token is read at the last real prefix position, so blockwise at
+  temperature 0 is the backbone's greedy decoding whatever the bridge samples."""
+  model, torch_model = models
+  reader = Readout(model, 1, SEP)
+  noise = StubBridge(lambda k, h, m: jnp.where(m[..., None], h, jax.random.normal(k, h.shape)),
+                     model.cfg.hidden_size)
+  tokens, known = reader.template(2, N)
+  out = reader.fill(noise, jax.random.key(0), tokens, known, mode="blockwise",
+                    cfg=ReadoutConfig(temperature=0.0, block=1))
+  ids = torch.full((2, 1), SEP, dtype=torch.long)
+  for _ in range(N - 1):  # torch greedy decoding, no cache
+    ids = torch.cat([ids, _torch_argmax(torch_model, ids)[:, -1:]], dim=1)
+  np.testing.assert_array_equal(np.asarray(out["tokens"]), ids.numpy())
+  assert noise.calls == N - 1
+
+
+def test_lm_head_readout_of_true_states_is_the_teacher_forced_argmax(models):
+  model, torch_model = models
+  reader = Readout(model, 1, SEP)
+  text = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (3, N)).astype(np.int32)
+  text[:, 0] = SEP
+  got = np.asarray(reader.lm_head(reader.lower(text), jax.random.key(0),
+                                  ReadoutConfig(temperature=0.0)))
+  want = _torch_argmax(torch_model, text).numpy()
+  np.testing.assert_array_equal(got[:, 0], SEP)
+  np.testing.assert_array_equal(got[:, 1:], want[:, :-1])
+
+
+def test_refine_stops_once_the_tokens_stop_changing(models):
+  """A bridge that always returns the true states of one text: round 1 reads the same tokens
+  as the first readout (temperature 0), so refine stops after one round."""
+  model, torch_model = models
+  reader = Readout(model, 1, SEP)
+  text = np.random.default_rng(1).integers(3, model.cfg.vocab_size, (2, N)).astype(np.int32)
+  text[:, 0] = SEP
+  true_h = reader.lower(text)
+  fixed = StubBridge(lambda k, h, m: true_h, model.cfg.hidden_size)
+  tokens, known = reader.template(2, N)
+  out = reader.fill(fixed, jax.random.key(0), tokens, known, mode="refine",
+                    cfg=ReadoutConfig(temperature=0.0, rounds=4))
+  assert out["rounds"] == 1 and fixed.calls == 2
+  np.testing.assert_array_equal(np.asarray(out["tokens"])[:, 1:],
+                                _torch_argmax(torch_model, text).numpy()[:, :-1])
+
+
+def test_class_mean_head_matches_numpy_and_recovers_embeddings(models):
+  model, _ = models
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(0, 40, (30, N))
+  states = rng.normal(size=(30, N, 5)).astype(np.float32)
+  head = ClassMeanHead.fit(tokens, states, chunk=7)
+  assert set(head.ids) == set(np.unique(tokens))
+  for i, v in enumerate(head.ids):
+    np.testing.assert_allclose(head.means[i], states[tokens == v].mean(0), rtol=1e-5, atol=1e-6)
+  # identity readout at layer 0: h_0 is the embedding row, so decoding is exact.
+  reader = Readout(model, 0, SEP)
+  text = rng.integers(0, model.cfg.vocab_size, (4, N)).astype(np.int32)
+  h0 = np.asarray(reader.lower(text))
+  head0 = ClassMeanHead.fit(text, h0)
+  np.testing.assert_array_equal(np.asarray(head0(h0)), text)
+
+
+def test_nearest_embedding_matches_numpy():
+  rng = np.random.default_rng(3)
+  embed = rng.normal(size=(50, 8)).astype(np.float32)
+  h = rng.normal(size=(3, 6, 8)).astype(np.float32)
+  want = np.argmin(((h[:, :, None, :] - embed[None, None]) ** 2).sum(-1), axis=-1)
+  np.testing.assert_array_equal(np.asarray(nearest_embedding(h, embed)), want)
+
+
+def test_infill_template_marks_gaps_and_pads():
+  tok = byte_tokenizer()
+  tokens, known = infill_template("ab [___]c", tok, SEP, gap=3, factor=4)
+  ab = tok("ab ", add_special_tokens=False)["input_ids"]
+  c = tok("c", add_special_tokens=False)["input_ids"]
+  want_known = [True] + [True] * len(ab) + [False] * 3 + [True] * len(c)
+  want_known += [False] * (-len(want_known) % 4)
+  np.testing.assert_array_equal(known, want_known)
+  assert len(tokens) % 4 == 0 and tokens[0] == SEP
+  np.testing.assert_array_equal(tokens[1:1 + len(ab)], ab)
+  with pytest.raises(UserInputError, match="gap"):
+    infill_template("no gaps", tok, SEP, gap=3, factor=4)
+
+
+@pytest.mark.parametrize("field,value", [("top_p", 0.0), ("temperature", -1.0), ("block", 16),
+                                         ("renoise_t", 0.0)])
+def test_bad_readout_settings_name_the_field(field, value):
+  with pytest.raises(UserInputError, match=field):
+    validate("blockwise", ReadoutConfig(**{field: value}), N)
+  with pytest.raises(UserInputError, match="readout"):
+    validate("argmax", ReadoutConfig(), N)
+
+
+# --- end to end: dihal train -> sample -> eval on the tiny model ------------------------------
+
+TINY = ["--config=configs/tiny_llama.py", "--config.bridge.layer=1", "--config.train.steps=12",
+        "--config.train.checkpoint_every=12", "--config.train.val_every=6",
+        "--config.train.cache_windows=32", "--config.train.val_windows=8",
+        "--config.train.batch_size=8", "--config.train.warmup_steps=3",
+        "--config.bridge.unet.channels=16", "--config.bridge.unet.heads=2",
+        "--config.bridge.unet.groups=4", "--config.sample.steps=4", "--config.sample.batch=8"]
+
+
+E2E_SEP = byte_tokenizer().convert_tokens_to_ids("<|endoftext|>")  # tiny_llama's separator
+
+
+def _dihal(tmp_path, command, *extra, workdir=None):
+  args = [sys.executable, "-m", "dihal_jax.cli", command, *TINY,
+          f"--workdir={workdir or tmp_path / 'run'}",
+          f"--config.data.cache_dir={tmp_path / 'cache'}", *extra]
+  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("hybrid")
+  proc = _dihal(tmp_path, "train")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("readout", ["blockwise", "lm_head", "refine", "identity"])
+def test_dihal_sample_every_readout(trained, readout):
+  proc = _dihal(trained, "sample", "--num=3", f"--readout={readout}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in (trained / "run" / "samples.jsonl").read_text().splitlines()]
+  assert len(rows) == 3 and all(r["readout"] == readout for r in rows)
+  assert all(len(r["tokens"]) == 64 and r["tokens"][0] == E2E_SEP for r in rows)
+
+
+@pytest.mark.slow
+def test_dihal_sample_prompt_and_infill_keep_the_given_text(trained):
+  tok = byte_tokenizer()
+  proc = _dihal(trained, "sample", "--num=2", "--prompt=It is a truth")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  prefix = [E2E_SEP] + tok("It is a truth", add_special_tokens=False)["input_ids"]
+  for line in (trained / "run" / "samples.jsonl").read_text().splitlines():
+    assert json.loads(line)["tokens"][:len(prefix)] == prefix
+  proc = _dihal(trained, "sample", "--num=2", "--infill=Emma [___] was here")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for line in (trained / "run" / "samples.jsonl").read_text().splitlines():
+    assert json.loads(line)["text"].startswith("Emma ")
+
+
+@pytest.mark.slow
+def test_dihal_eval_writes_every_row_for_both_sets(trained):
+  proc = _dihal(trained, "eval", "--config.eval.num=8")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((trained / "run" / "report.json").read_text())
+  from dihal_jax.eval.evaluate import METHODS
+  assert set(report["sets"]) == {"test", "ood"}
+  assert list(report["results"]) == list(METHODS)
+  for rows in report["sets"].values():
+    for method, row in rows.items():
+      for key in ("gen_ppl", "distinct_1", "distinct_2", "distinct_3", "diversity", "entropy",
+                  "memorization_4gram"):
+        assert np.isfinite(row[key]), (method, key)
+      if method.startswith("dihal") or method == "embedding_rounding":
+        assert np.isfinite(row["val_mse"]) and np.isfinite(row["spread_ratio"])
+  assert report["sets"]["test"]["dihal_l0"]["layer"] == 0
+  assert (trained / "run" / "eval.png").is_file() and (trained / "run" / "report.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,message", [
+    (("--readout=argmax",), "readout"),
+    (("--prompt=" + "x" * 80,), "prompt"),
+    (("--infill=no gap here",), "gap"),
+    (("--length=30",), "multiple"),
+])
+def test_dihal_sample_bad_input_exits_2(trained, extra, message):
+  proc = _dihal(trained, "sample", "--num=2", *extra)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = [l for l in proc.stderr.splitlines() if l.strip()][-1]
+  assert last.startswith("dihal: error:") and message in last
+
+
+@pytest.mark.slow
+def test_sample_and_eval_without_a_trained_bridge_exit_2(tmp_path):
+  for command, extra in (("sample", ()), ("eval", ("--config.eval.methods=dihal",))):
+    proc = _dihal(tmp_path, command, *extra, workdir=tmp_path / "empty")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "dihal train" in proc.stderr.splitlines()[-1]
+  proc = _dihal(tmp_path, "eval", "--config.eval.methods=dihal,bogus", workdir=tmp_path / "e")
+  assert proc.returncode == 2 and "bogus" in proc.stderr.splitlines()[-1]
