@@ -95,8 +95,11 @@ def apply_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   config = config.copy_and_resolve_references()
   with config.unlocked():
     for path, value in PRESETS[name].items():
-      section, field = path.split(".")
-      setattr(config[section], field, value)
+      *parents, field = path.split(".")
+      node = config
+      for parent in parents:
+        node = node[parent]
+      setattr(node, field, value)
   return config
 
 

@@ -4,13 +4,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
 
 
+
+@pytest.mark.slow
 def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
   workdir = tmp_path / "demo"
   proc = subprocess.run(
@@ -20,8 +22,19 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((workdir / "report.json").read_text())
-  from dihal_jax.eval.evaluate import METHODS
-  assert list(report["results"]) == list(METHODS)
+  from dihal_jax.eval.evaluate import default_methods
+  assert list(report["results"]) == default_methods("blockwise")
+  assert "dihal_lm_head" in report["results"] and "dihal_blockwise" not in report["results"]
+  assert set(report["sets"]) == {"test", "ood"}
+  for rows in report["sets"].values():
+    for method, row in rows.items():
+      for key in ("gen_ppl", "distinct_1", "distinct_2", "distinct_3", "diversity", "entropy",
+                  "memorization_4gram"):
+        assert np.isfinite(row[key]), (method, key)
+      if method.startswith("dihal") or method == "embedding_rounding":
+        assert np.isfinite(row["val_mse"]) and np.isfinite(row["spread_ratio"]), method
+  assert report["results"]["dihal_l0"]["layer"] == 0
+  assert report["results"]["dihal"]["ar_share"] > 0
   assert report["train"]["layer"] == report["locate"]["selected_layer"]
   assert report["effective_config"]["train"]["steps"] == 12  # the preset was applied
   for name in ("report.md", "parity.png", "geometry.png", "loss.png", "eval.png"):
@@ -29,6 +42,7 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
   assert "| real_text |" in (workdir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_demo_unknown_preset_exits_2(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "dihal_jax.cli", "demo", "--config=configs/tiny_llama.py",
@@ -36,3 +50,23 @@ def test_demo_unknown_preset_exits_2(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert "demo.preset" in proc.stderr.splitlines()[-1]
+
+
+def test_presets_set_existing_fields_only():
+  """Every preset path names a field of the default config (a typo would add a new one)."""
+  from conftest import load_config
+  from dihal_jax import demo
+  for name, overrides in demo.PRESETS.items():
+    config = load_config("smollm2_135m")
+    config.demo.preset = name
+    applied = demo.apply_preset(config)
+    flat = applied.to_dict()
+    for path, value in overrides.items():
+      node = load_config("smollm2_135m").to_dict()
+      for part in path.split("."):
+        assert part in node, (name, path)
+        node = node[part]
+      got = flat
+      for part in path.split("."):
+        got = got[part]
+      assert got == value, (name, path)

@@ -6,7 +6,8 @@ Rows (DESIGN.md "Evaluation" and "crux"; `eval.methods` picks them):
                        *true* h_l* of held-out windows: the ceiling of a perfect bridge.
   ar_backbone          the backbone's own samples from the separator (temperature 1).
   dihal                the bridge at l* with the default readout (sample.readout);
-  dihal_<mode>         ... with each other readout mode.
+  dihal_<mode>         ... with each other readout mode (by default not the
+                       default one again).
   dihal_l0             the same protocol at l = 0 (embedding interface, transformer
                        readout, default mode).
   embedding_rounding   the l = 0 bridge's samples rounded to the nearest embedding
@@ -58,6 +59,13 @@ from dihal_jax.hybrid.sample import identity_head, readout_config
 REFERENCE_ROWS = ("real_text", "oracle", "ar_backbone")
 METHODS = REFERENCE_ROWS + ("dihal",) + tuple(f"dihal_{m}" for m in MODES) + (
     "dihal_l0", "embedding_rounding")
+
+
+def default_methods(readout: str) -> list[str]:
+  """Every row once: `dihal` is the default readout, so `dihal_<readout>` would repeat it."""
+  return [m for m in METHODS if m != f"dihal_{readout}"]
+
+
 SET_NAMES = {"test": "Austen test", "ood": "Moby Dick (OOD)"}
 
 
@@ -118,7 +126,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   workdir = Path(workdir)
   e = config.eval
   t0 = time.perf_counter()
-  methods = [m.strip() for m in e.methods.split(",") if m.strip()] if e.methods else list(METHODS)
+  methods = ([m.strip() for m in e.methods.split(",") if m.strip()] if e.methods
+             else default_methods(config.sample.readout))
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise UserInputError(f"eval.methods: unknown {unknown}; known: {', '.join(METHODS)}")

@@ -173,13 +173,16 @@ class Readout:
       unknown = np.flatnonzero(~np.asarray(known[0]))
       states, filled = None, known
       for i in range(0, len(unknown), cfg.block):
-        block = jnp.zeros((n,), bool).at[unknown[i:i + cfg.block]].set(True)[None]
+        idx = unknown[i:i + cfg.block]
+        idx = np.pad(idx, (0, cfg.block - len(idx)), mode="edge")  # one shape for every block
         k_block = jax.random.fold_in(k_rest, i)
         h = bridge.sample(jax.random.fold_in(k_block, 0), self.lower(tokens), filled,
                           steps=cfg.steps)
         states = h if states is None else states
-        tokens = jnp.where(block, self.lm_head(h, jax.random.fold_in(k_block, 1), cfg), tokens)
-        filled = filled | block
+        tokens = _read_positions(self.graphdef, self.state, h, jax.random.fold_in(k_block, 1),
+                                 tokens, jnp.asarray(idx, jnp.int32), layer=self.layer,
+                                 temperature=cfg.temperature, top_p=cfg.top_p)
+        filled = filled | jnp.zeros((n,), bool).at[idx].set(True)[None]
         if progress is not None:
           progress()
       return {"tokens": tokens, "states": states, "rounds": 0}
@@ -213,6 +216,17 @@ class Readout:
 @functools.partial(jax.jit, static_argnames=("layer",))
 def _lower(graphdef, state, tokens, *, layer):
   return nnx.merge(graphdef, state).lower(tokens, layer)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "temperature", "top_p"))
+def _read_positions(graphdef, state, h, key, tokens, idx, *, layer, temperature, top_p):
+  """tokens with positions idx [k] (>= 1) replaced by draws from logits[idx - 1] of upper(h);
+  only those k rows of logits are filtered and sampled (top-p sorts the whole vocabulary)."""
+  logits = nnx.merge(graphdef, state).upper(h, layer)[:, idx - 1]  # [B, k, V]
+  keys = jax.random.split(key, idx.shape[0])
+  new = jax.vmap(lambda lg, k: sample_next(lg, k, temperature, top_p), in_axes=(1, 0),
+                 out_axes=1)(logits, keys)
+  return tokens.at[:, idx].set(new)
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "separator", "temperature", "top_p"))
