@@ -30,6 +30,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone_forward.py --out runs/bench/backbone_forward.json
 	$(BIN)/python benchmarks/data_pipeline.py --out runs/bench/data_pipeline.json
+	$(BIN)/python benchmarks/bridge_train_step.py --out runs/bench/bridge_train_step.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -112,17 +112,26 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   t0 = time.perf_counter()
   print(f"dihal demo (preset {config.demo.preset}): parity, locate, train DiHAL at l* and the "
         "l = 0 bridge, sample, evaluate")
+  stages = {}
+
+  def lap(name):
+    stages[name] = round(time.perf_counter() - t0 - sum(stages.values()), 1)
+
   parity_report = parity.run_parity(config, workdir)
   print(parity.summary(parity_report))
   plot_hidden_diff(parity_report, workdir / "parity.png")
   gen = generate_text(config, workdir, DEMO_PROMPTS, 32, 0.0, 1.0)
+  lap("parity_and_generate_s")
   geometry = locate.run_locate(config, workdir / "locate")
   reports.write_json(workdir / "locate" / "report.json", geometry)
   locate.plot(geometry, workdir / "geometry.png")
   print(locate.summary(geometry))
+  lap("locate_s")
   trained = run_train(config, workdir)
   print(f"bridge at layer {trained['layer']}: {trained['final']}")
+  lap("train_s")
   results = evaluate.run_eval(config, workdir)
+  lap("eval_s")
   eval_md = evaluate.summary(results)
   print(eval_md)
   lines = [f"# dihal demo (preset `{config.demo.preset}`)", "",
@@ -144,4 +153,5 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   return {"preset": config.demo.preset, "parity": parity_report, "generation": gen,
           "locate": geometry, "train": trained, "results": results["results"],
           "sets": results["sets"], "samples": results["samples"],
-          "effective_config": config.to_dict(), "timings": {"total_s": time.perf_counter() - t0}}
+          "effective_config": config.to_dict(),
+          "timings": {"total_s": time.perf_counter() - t0, **stages}}
