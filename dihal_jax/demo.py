@@ -81,8 +81,7 @@ PRESETS = {
     "smoke": {"train.steps": 12, "train.warmup_steps": 3, "train.checkpoint_every": 12,
               "train.val_every": 6, "train.cache_windows": 32, "train.val_windows": 8,
               "train.batch_size": 8, "bridge.unet.channels": 16, "bridge.unet.heads": 2,
-              "bridge.unet.groups": 4, "sample.steps": 4, "sample.batch": 8, "eval.num": 8,
-              "locate.num_tokens": 2048, "locate.batch_size": 8},
+              "bridge.unet.groups": 4, "sample.steps": 4, "sample.batch": 8, "eval.num": 8},
     "none": {},  # the config exactly as given
 }
 
