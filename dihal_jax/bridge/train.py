@@ -64,15 +64,6 @@ def interface_layer(config: ml_collections.ConfigDict, workdir: Path) -> int:
   return int(json.loads(report_path.read_text())["selected_layer"])
 
 
-def _window_array(data: Data, split: str, count: int) -> np.ndarray:
-  rows = []
-  for window in data.windows(split, batch_size=None, shuffle=False, num_epochs=1):
-    rows.append(window["tokens"])
-    if len(rows) == count:
-      break
-  return np.stack(rows)
-
-
 def _checkpoint_state(state):
   return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state,
           "ema": state.ema, "step": state.step}
@@ -94,7 +85,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 "seed": config.seed}
   caches = {}
   for split, count in (("train", t.cache_windows), ("validation", t.val_windows)):
-    windows = _window_array(data, split, count)
+    windows = data.first_windows(split, count)
     caches[split] = hidden.cache_hidden_states(
         backbone, windows, [layer], mesh=mesh, rules=rules, batch_size=t.batch_size,
         cache_root=cache_root(config) / "hidden", key_fields=dict(key_fields, split=split))

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from dihal_jax.backbone import checkpoint
 from dihal_jax.data import corpus, pipeline, tfds_builder
@@ -83,6 +84,17 @@ class Data:
         seed=self.seed, shuffle=shuffle, num_epochs=num_epochs,
         shard_index=jax.process_index(), shard_count=jax.process_count(),
         read_threads=self.read_threads)
+
+  def first_windows(self, split: str, count: int | None = None, *,
+                    shuffle: bool = False) -> np.ndarray:
+    """[N, T] int32: the first `count` windows of `split` (all of them for None), in this
+    process's shard, unshuffled or in the seeded shuffled order."""
+    rows = []
+    for window in self.windows(split, batch_size=None, shuffle=shuffle, num_epochs=1):
+      rows.append(window["tokens"])
+      if len(rows) == count:
+        break
+    return np.stack(rows).astype(np.int32)
 
   @functools.cached_property
   def statistics(self) -> dict[str, dict]:

@@ -69,20 +69,6 @@ def default_methods(readout: str) -> list[str]:
 SET_NAMES = {"test": "Austen test", "ood": "Moby Dick (OOD)"}
 
 
-def _windows(data: Data, split: str, count: int) -> np.ndarray:
-  rows = []
-  for window in data.windows(split, batch_size=None, shuffle=True, num_epochs=1):
-    rows.append(window["tokens"])
-    if len(rows) == count:
-      break
-  return np.stack(rows).astype(np.int32)
-
-
-def _all_tokens(data: Data, split: str) -> np.ndarray:
-  return np.stack([w["tokens"] for w in data.windows(split, batch_size=None, shuffle=False,
-                                                     num_epochs=1)]).astype(np.int32)
-
-
 def _l0_bridge(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> TrainedBridge:
   """The l = 0 bridge of the same protocol, trained into workdir/l0 if needed."""
   cfg = config.copy_and_resolve_references()
@@ -155,8 +141,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   head = identity_head(main) if main is not None else None
   embed = backbone.embed[...]
 
-  train_ngrams = metrics.ngram_set([row[1:] for row in _all_tokens(data, "train")], 4)
-  sets = {name: _windows(data, name, num) for name in ("test", "ood") if name in data.sources}
+  train_ngrams = metrics.ngram_set([row[1:] for row in data.first_windows("train")], 4)
+  sets = {name: data.first_windows(name, num, shuffle=True) for name in ("test", "ood")
+          if name in data.sources}
 
   generated, states, modes = {}, {}, {}
   bar = tqdm(total=len(methods), desc="eval: sampling", disable=not progress)
