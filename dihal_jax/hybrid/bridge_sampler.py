@@ -26,7 +26,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -138,20 +137,3 @@ def load_bridge(workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -> T
                        self_condition=unet_cfg.self_condition, step=int(step),
                        train_cache=extra.get("train_cache"),
                        factor=2 ** (len(unet_cfg.channel_mults) - 1))
-
-
-def real_states(backbone, tokens: np.ndarray, layer: int, batch_size: int = 32) -> np.ndarray:
-  """h_layer [N, T, d] float32 of real tokens [N, T] from the backbone's lower layers."""
-  fn = _lower_fn(backbone, layer)
-  return np.concatenate([np.asarray(fn(jnp.asarray(tokens[i:i + batch_size], jnp.int32)))
-                         for i in range(0, len(tokens), batch_size)])
-
-
-def _lower_fn(backbone, layer: int):
-  graphdef, state = nnx.split(backbone)
-
-  @jax.jit
-  def lower(state, tokens):
-    return nnx.merge(graphdef, state).lower(tokens, layer)
-
-  return functools.partial(lower, state)
