@@ -107,7 +107,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.show = 3  # sample texts per method in the report
 
   c.demo = ml_collections.ConfigDict()
-  c.demo.preset = "quick"  # dihal demo budget: quick | smoke | none (demo.PRESETS)
+  c.demo.preset = "quick"  # dihal demo budget: quick | full | smoke | none (demo.PRESETS)
 
   c.parity = ml_collections.ConfigDict()
   c.parity.rows = 4  # rows of real text, right-padded to different lengths

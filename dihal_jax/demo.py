@@ -4,7 +4,7 @@ Convert the embedded model, check parity with `transformers`, continue a few
 Austen openings with the KV-cache generator, locate l*, train the bridge at
 l* (and, inside eval, the l = 0 bridge of the same protocol), sample every
 method and evaluate it beside the `real_text` and `oracle` rows. A preset
-(`demo.preset`: quick | smoke | none) sets the budget. Writes report.json,
+(`demo.preset`: quick | full | smoke | none) sets the budget. Writes report.json,
 report.md, parity.png, geometry.png, loss.png and eval.png into the workdir.
 """
 
@@ -82,6 +82,12 @@ PRESETS = {
               "train.val_every": 6, "train.cache_windows": 32, "train.val_windows": 8,
               "train.batch_size": 8, "bridge.unet.channels": 16, "bridge.unet.heads": 2,
               "bridge.unet.groups": 4, "sample.steps": 4, "sample.batch": 8, "eval.num": 8},
+    # `dihal demo --config.demo.preset=full`: the strongest bridge that fits about an hour of
+    # 2 CPU cores (default UNet C = 128, self-conditioning), 128 samples per row, 50 steps.
+    "full": {"train.steps": 3000, "train.warmup_steps": 200, "train.checkpoint_every": 500,
+             "train.val_every": 250, "train.cache_windows": 8192, "train.val_windows": 256,
+             "train.lr": 1e-3, "bridge.unet.self_condition": True, "sample.steps": 50,
+             "sample.batch": 32, "eval.num": 128},
     "none": {},  # the config exactly as given
 }
 

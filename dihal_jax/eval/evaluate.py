@@ -47,7 +47,7 @@ from dihal_jax import reports
 from dihal_jax.backbone import checkpoint
 from dihal_jax.backbone.generate import generate
 from dihal_jax.bridge import diffusion
-from dihal_jax.bridge.train import run_train
+from dihal_jax.bridge.train import interface_layer, run_train
 from dihal_jax.data.dataset import Data
 from dihal_jax.errors import UserInputError
 from dihal_jax.parallel.sharding import make_mesh
@@ -145,7 +145,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   sets = {name: data.first_windows(name, num, shuffle=True) for name in ("test", "ood")
           if name in data.sources}
 
-  generated, states, modes = {}, {}, {}
+  if "oracle" in methods and "main" not in readers:
+    readers["main"] = Readout(backbone, interface_layer(config, workdir), data.separator)
+  generated, states, modes, oracle_text = {}, {}, {}, {}
   bar = tqdm(total=len(methods), desc="eval: sampling", disable=not progress)
   for method in methods:
     k = jax.random.fold_in(key, METHODS.index(method))
@@ -179,15 +181,14 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   results = {}
   for set_name, real in sets.items():
     rows = {}
-    real_main = np.asarray(readers["main"].lower(real)) if main is not None else None
+    real_main = np.asarray(readers["main"].lower(real)) if "main" in readers else None
     real_l0 = np.asarray(readers["l0"].lower(real)) if l0 is not None else None
     for method in tqdm(methods, desc=f"eval: metrics ({set_name})", disable=not progress):
       if method == "real_text":
         tokens = real
       elif method == "oracle":
-        reader = readers.get("main") or Readout(backbone, 1, data.separator)
-        h = real_main if real_main is not None else np.asarray(reader.lower(real))
-        tokens = np.asarray(reader.lm_head(h, jax.random.fold_in(key, 7), cfg))
+        tokens = np.asarray(readers["main"].lm_head(real_main, jax.random.fold_in(key, 7), cfg))
+        oracle_text[set_name] = tokens
       else:
         tokens = None
       row = dict(text_rows[method]) if tokens is None else _text_metrics(tokens, backbone,
@@ -210,9 +211,11 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
   samples = {m: [tokenizer.decode(r[1:].tolist()) for r in generated[m][:e.show]]
              for m in generated}
-  for m in ("real_text",):
-    if m in methods:
-      samples[m] = [tokenizer.decode(r[1:].tolist()) for r in sets["test"][:e.show]]
+  shown = {"real_text": sets["test"] if "real_text" in methods else None,
+           "oracle": oracle_text.get("test")}
+  for m, rows in shown.items():
+    if rows is not None:
+      samples[m] = [tokenizer.decode(r[1:].tolist()) for r in rows[:e.show]]
   first_set = next(iter(results))
   report = {"results": results[first_set], "sets": results, "samples": samples,
             "methods": methods, "num": num, "length": n,
@@ -226,7 +229,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
 
 COLUMNS = ("gen_ppl", "entropy", "distinct_1", "distinct_2", "diversity",
-           "memorization_4gram", "spread_ratio", "val_mse", "recovery_t0.3")
+           "memorization_4gram", "spread_ratio", "val_mse", "recovery_t0.3", "ar_share")
 
 
 def summary(report: dict) -> str:

@@ -181,7 +181,8 @@ class Readout:
         states = h if states is None else states
         tokens = _read_positions(self.graphdef, self.state, h, jax.random.fold_in(k_block, 1),
                                  tokens, jnp.asarray(idx, jnp.int32), layer=self.layer,
-                                 temperature=cfg.temperature, top_p=cfg.top_p)
+                                 end=int(idx.max()), temperature=cfg.temperature,
+                                 top_p=cfg.top_p)
         filled = filled | jnp.zeros((n,), bool).at[idx].set(True)[None]
         if progress is not None:
           progress()
@@ -218,11 +219,14 @@ def _lower(graphdef, state, tokens, *, layer):
   return nnx.merge(graphdef, state).lower(tokens, layer)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "temperature", "top_p"))
-def _read_positions(graphdef, state, h, key, tokens, idx, *, layer, temperature, top_p):
-  """tokens with positions idx [k] (>= 1) replaced by draws from logits[idx - 1] of upper(h);
-  only those k rows of logits are filtered and sampled (top-p sorts the whole vocabulary)."""
-  logits = nnx.merge(graphdef, state).upper(h, layer)[:, idx - 1]  # [B, k, V]
+@functools.partial(jax.jit, static_argnames=("layer", "end", "temperature", "top_p"))
+def _read_positions(graphdef, state, h, key, tokens, idx, *, layer, end, temperature, top_p):
+  """tokens with positions idx [k] (1 <= idx <= end) replaced by draws from logits[idx - 1]
+  of upper(h). The upper layers are causal, so they run on h[:, :end] only, and the LM head
+  and top-p (which sorts the whole vocabulary) on the k read rows only."""
+  model = nnx.merge(graphdef, state)
+  hidden = model.run_layers(h[:, :end], layer, model.cfg.num_layers)
+  logits = model.logits(hidden[:, idx - 1])  # [B, k, V]
   keys = jax.random.split(key, idx.shape[0])
   new = jax.vmap(lambda lg, k: sample_next(lg, k, temperature, top_p), in_axes=(1, 0),
                  out_axes=1)(logits, keys)
