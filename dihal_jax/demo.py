@@ -67,8 +67,7 @@ def plot_hidden_diff(report: dict, path: Path):
                f"max |Δlogit| {report['max_abs_logit_diff']:.2g}")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  reports.save_figure(fig, path, dpi=120)
 
 
 PRESETS = {

@@ -27,6 +27,22 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
   return path
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+  """Saves a matplotlib figure as PNG atomically (process 0 only) and closes it."""
+  import matplotlib.pyplot as plt
+  path = Path(path)
+  try:
+    if jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+      with os.fdopen(fd, "wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
+      os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+  return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
   """Writes `obj` as indented JSON, atomically (process 0 only)."""
   return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

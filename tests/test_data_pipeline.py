@@ -1,10 +1,10 @@
 """grain windows, resumable iterators, hidden-state streams and their cache, `dihal data`."""
 
+import itertools
 import json
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -88,16 +88,17 @@ def test_iterator_state_round_trips_through_orbax(source, tokenizer, tmp_path):
   np.testing.assert_array_equal(next(resumed)["tokens"], expected)
 
 
-def test_process_shards_are_disjoint_and_cover_the_split(source, tokenizer):
-  def doc_markers(shard_index):
-    ds = _windows(source, tokenizer, batch_size=None, shuffle=True, num_epochs=1,
-                  shard_index=shard_index, shard_count=2, length=2000)
-    text = "".join(tokenizer.decode(w["tokens"]) for w in ds)
-    return {i for i in range(12) if f"[{i}] " in text}
-
-  first, second = doc_markers(0), doc_markers(1)
-  assert not first & second
-  assert len(first) + len(second) >= 10  # the padded tail window of each shard is dropped
+def test_process_rows_of_each_batch_make_the_single_process_batch(source, tokenizer):
+  """P processes hold consecutive row blocks of the one global batch (process-count invariant)."""
+  whole = [b["tokens"] for b in itertools.islice(_windows(source, tokenizer, batch_size=4), 3)]
+  parts = [[b["tokens"] for b in itertools.islice(
+      _windows(source, tokenizer, batch_size=4, shard_index=i, shard_count=2), 3)]
+      for i in range(2)]
+  for k in range(3):
+    assert parts[0][k].shape[0] == 2
+    np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k])
+  with pytest.raises(UserInputError, match="not divisible by the 3 processes"):
+    _windows(source, tokenizer, batch_size=4, shard_index=0, shard_count=3)
 
 
 def test_channel_stats_match_float64_numpy():

@@ -11,7 +11,6 @@ cannot pass with everything silently replicated.
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from dihal_jax.backbone.convert import compare_checkpoints, load_model, save_hf_
 from dihal_jax.backbone.embedded import resolve_checkpoint
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.errors import UserInputError
+from dihal_jax.files import publish_dir
 from dihal_jax.parallel.sharding import make_mesh
 
 
@@ -44,11 +46,13 @@ def random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int) -> Path:
       p.add_(0.02 * torch.randn_like(p))
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  model.save_pretrained(tmp)
-  if config.vocab_size >= len(SPECIAL_TOKENS) + 256:
-    byte_tokenizer().save_pretrained(tmp)
-  os.rename(tmp, out_dir)
-  return out_dir
+  try:
+    model.save_pretrained(tmp)
+    if config.vocab_size >= len(SPECIAL_TOKENS) + 256:
+      byte_tokenizer().save_pretrained(tmp)
+    return publish_dir(tmp, out_dir, "config.json")
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's ids 0, 1, 2

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from dihal_jax.errors import UserInputError
+from dihal_jax.files import publish_dir
 
 EMBEDDED_PREFIX = "embedded:"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -61,7 +62,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
   try:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.rename(tmp, out_dir)
+    publish_dir(tmp, out_dir, "config.json")
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir

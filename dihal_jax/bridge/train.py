@@ -17,6 +17,7 @@ message naming the step; the last good checkpoint stays.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from dihal_jax import reports
@@ -41,7 +43,7 @@ from dihal_jax.data import hidden
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.geometry import locate
-from dihal_jax.parallel.sharding import make_mesh
+from dihal_jax.parallel.sharding import make_mesh, put_global
 
 
 class TrainingStopped(Exception):
@@ -121,7 +123,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     start, saved, _ = restored
     state = state.replace(**saved)
     print(f"resumed from step {start}")
-  val_x0 = norm.forward(np.load(caches["validation"] / f"layer_{layer}.npy")[:t.batch_size])
+  val_x0 = put_global(np.asarray(norm.forward(
+      np.load(caches["validation"] / f"layer_{layer}.npy")[:t.batch_size])),
+      NamedSharding(mesh, PartitionSpec()))  # the same fixed batch, replicated
   key = jax.random.key(config.seed)
   val_loss_fn = _val_loss_fn(state, diffusion_cfg, jax.random.key(config.seed + 1))
 
@@ -135,7 +139,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   extra = {"layer": layer, "normalizer": norm.to_dict(), "train_cache": str(caches["train"])}
   step = start
   try:
-    with open(metrics_path, "a") as log:
+    with open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as log:
       bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train",
                  disable=not progress)
       for step in bar:
@@ -214,5 +218,4 @@ def _plot_loss(rows: list[dict], path: Path):
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reports.save_figure(fig, path)

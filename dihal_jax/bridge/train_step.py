@@ -44,6 +44,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
@@ -51,7 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dihal_jax.backbone.model import param_shardings
 from dihal_jax.bridge import diffusion
 from dihal_jax.data.hidden import batch_sharding
-from dihal_jax.parallel.sharding import Rules
+from dihal_jax.parallel.sharding import Rules, put_global
 
 T_MIN = 1e-3  # training times t ~ U(T_MIN, 1): avoids the degenerate t = 0
 
@@ -269,8 +270,9 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
 
   The first call fixes the state's shardings (`state_shardings`); a state not
   placed there yet (fresh or restored) is moved once (checked on one leaf: a
-  per-call device_put of every leaf costs ~25 ms on CPU), the batch every call. B must be a
-  multiple of the mesh's batch-axis size. The state passed in is donated:
+  per-call device_put of every leaf costs ~25 ms on CPU), the batch every call: `batch` is
+  this process's rows of the global batch (all of it with one process). The global B must
+  be a multiple of the mesh's batch-axis size. The state passed in is donated:
   don't use it after the call.
   """
   diffusion.validate(diffusion_cfg)
@@ -293,11 +295,12 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
           out_shardings=(shardings, replicated), donate_argnums=(0,))
     first = jax.tree.leaves(state.params)[0]
     if getattr(first, "sharding", None) != jax.tree.leaves(compiled["shardings"].params)[0]:
-      state = jax.device_put(state, compiled["shardings"])  # ~1,200 leaves: only when needed
-    batch = jax.device_put(batch, x_sharding)
-    key = jax.device_put(key, replicated)
+      state = put_global(state, compiled["shardings"])  # ~1,200 leaves: only when needed
+    batch = jax.make_array_from_process_local_data(x_sharding, np.asarray(batch))
+    key = put_global(key, replicated)
     if labels is not None:
-      labels = jax.device_put(jnp.asarray(labels, jnp.int32), label_sharding)
+      labels = jax.make_array_from_process_local_data(label_sharding,
+                                                      np.asarray(labels, np.int32))
     return compiled["fn"](state, batch, key, labels)
 
   return step

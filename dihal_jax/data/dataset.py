@@ -74,21 +74,19 @@ class Data:
 
   def windows(self, split: str, *, batch_size: int | None, shuffle: bool = True,
               num_epochs: int | None = None):
-    """grain IterDataset of {"tokens": [B_process, T]} for this process's shard of `split`."""
-    if batch_size is not None and batch_size % jax.process_count():
-      raise UserInputError(f"batch size {batch_size} is not divisible by the "
-                           f"{jax.process_count()} processes")
+    """grain IterDataset of {"tokens": [B / processes, T]}: this process's rows of each global
+    batch of `split` (every window, on every process, for batch_size=None)."""
     return pipeline.window_dataset(
         self.sources[split], self.tokenizer, length=self.window, separator=self.separator,
-        batch_size=None if batch_size is None else batch_size // jax.process_count(),
+        batch_size=batch_size,
         seed=self.seed, shuffle=shuffle, num_epochs=num_epochs,
         shard_index=jax.process_index(), shard_count=jax.process_count(),
         read_threads=self.read_threads)
 
   def first_windows(self, split: str, count: int | None = None, *,
                     shuffle: bool = False) -> np.ndarray:
-    """[N, T] int32: the first `count` windows of `split` (all of them for None), in this
-    process's shard, unshuffled or in the seeded shuffled order."""
+    """[N, T] int32: the first `count` windows of `split` (all of them for None), unshuffled
+    or in the seeded shuffled order; the same on every process."""
     rows = []
     for window in self.windows(split, batch_size=None, shuffle=shuffle, num_epochs=1):
       rows.append(window["tokens"])

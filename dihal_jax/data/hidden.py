@@ -10,7 +10,10 @@ a hash of the model (config.json, weight-file headers, sizes, mtimes), the
 data (tfds config, split, window, count), the layers and the dtype; any
 change gives a new key, i.e. a fresh computation. A cache directory is
 written under a temporary name and renamed when complete, so a killed run
-never leaves a cache that looks finished.
+never leaves a cache that looks finished. With several processes each one
+computes its rows of every batch, gathers the whole batch and writes its own
+complete copy (hosts of a pod have separate disks; on a shared disk the first
+rename wins).
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import grain
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from dihal_jax.backbone.model import Decoder
+from dihal_jax.data.pipeline import process_rows
+from dihal_jax.files import publish_dir
 from dihal_jax.parallel.sharding import Rules, logical_to_spec
 
 
@@ -103,6 +110,13 @@ def hidden_stream(model: Decoder, batches: Iterable[dict], layers: Sequence[int]
     yield tokens, hidden
 
 
+def global_value(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) array on this host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def checkpoint_fingerprint(ckpt_dir: str | os.PathLike) -> str:
   """Identity of an HF checkpoint: config.json, weight files' headers, sizes and mtimes."""
   digest = hashlib.sha256()
@@ -148,18 +162,21 @@ def cache_hidden_states(model: Decoder, windows: np.ndarray, layers: Sequence[in
     arrays = {l: np.lib.format.open_memmap(tmp / f"layer_{l}.npy", mode="w+", dtype=np.float32,
                                            shape=(n, windows.shape[1], d)) for l in layers}
     stats = {l: ChannelStats(d) for l in layers}
-    batches = ({"tokens": windows[i:i + batch_size]} for i in range(0, n, batch_size))
-    stream = hidden_stream(model, batches, layers, mesh=mesh, rules=rules, stats=stats,
-                           exclude_first=exclude_first)
+    rows = process_rows(jax.process_index(), jax.process_count(), batch_size)
+    batches = (rows({"tokens": windows[i:i + batch_size]}) for i in range(0, n, batch_size))
+    stream = hidden_stream(model, batches, layers, mesh=mesh, rules=rules)
+    start = 1 if exclude_first else 0
     for i, (_, hidden) in enumerate(stream):
       for l in layers:
-        arrays[l][i * batch_size:(i + 1) * batch_size] = np.asarray(hidden[l])
+        h = global_value(hidden[l])
+        arrays[l][i * batch_size:(i + 1) * batch_size] = h
+        stats[l].update(h[:, start:])
     for array in arrays.values():
       array.flush()
     (tmp / "stats.json").write_text(json.dumps({str(l): s.to_dict() for l, s in stats.items()}))
     (tmp / "meta.json").write_text(json.dumps({"key": key, **key_fields, "layers": layers,
                                                "n": n}, default=str, indent=2))
-    os.rename(tmp, final)
+    publish_dir(tmp, final, "meta.json")
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return final
@@ -191,13 +208,22 @@ class CachedLayer:
     self._open()
     return {"h": np.asarray(self._h[index]), "tokens": np.asarray(self._tokens[index])}
 
+  def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Records `indices` stacked: {"h": [k, T, D], "tokens": [k, T]}."""
+    self._open()
+    return {"h": np.stack([self._h[i] for i in indices]),
+            "tokens": np.stack([self._tokens[i] for i in indices])}
+
   def __getstate__(self):
     return {"h_path": self.h_path, "tokens_path": self.tokens_path, "_h": None, "_tokens": None}
 
 
 def cached_batches(cache_dir: str | os.PathLike, layer: int, *, batch_size: int, seed: int,
-                   shard_index: int = 0, shard_count: int = 1) -> "grain.IterDataset":
-  """Seeded, endlessly repeated, checkpointable batches {"h": [B, T, D], "tokens": [B, T]}."""
-  import grain
-  ds = grain.MapDataset.source(CachedLayer(cache_dir, layer)).shuffle(seed=seed).repeat()
-  return ds[shard_index::shard_count].batch(batch_size, drop_remainder=True).to_iter_dataset()
+                   shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+  """Seeded, endlessly repeated, checkpointable batches {"h": [B/P, T, D], "tokens": [B/P, T]}:
+  process shard_index of P = shard_count reads only its rows of each global batch of B."""
+  source = CachedLayer(cache_dir, layer)
+  rows = process_rows(shard_index, shard_count, batch_size)
+  ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+  ds = ds.batch(batch_size, drop_remainder=True).map(lambda idx: rows({"i": idx})["i"])
+  return ds.map(source.rows).to_iter_dataset()

@@ -6,9 +6,15 @@ separator), so every window starts with the same token (DESIGN.md,
 "Position 0"). The pipeline:
 
   MapDataset.source(tfds data source) .shuffle(seed) .repeat(epochs)
-  [process_index::process_count] .map(Tokenize) -> IterDataset
+  .map(Tokenize) -> IterDataset
   -> ConcatThenSplitIterDataset(length - 1) -> drop the padded tail
-  -> prepend separator -> batch(per-process batch)
+  -> prepend separator -> batch(global batch) -> this process's rows
+
+Multi-host: every process tokenizes the same stream (cheap next to a forward
+pass) and keeps rows [i * B/P, (i + 1) * B/P) of each global batch, so the
+global batch, and every result computed from it, does not depend on the
+number of processes (the rows a process holds are the ones
+`jax.make_array_from_process_local_data` places on its devices).
 
 Same seed -> same batches; the iterator's `get_state()`/`set_state()` (and
 `grain.checkpoint.CheckpointSave/Restore` inside an Orbax manager) resume
@@ -65,24 +71,38 @@ def window_dataset(source: Sequence, tokenizer, *, length: int, separator: int,
     tokenizer: the backbone's HF tokenizer.
     length: window length T, separator included.
     separator: token id every window starts with (and chapters are joined by).
-    batch_size: windows per batch on this process (None: unbatched windows).
+    batch_size: global windows per batch (None: unbatched windows, all of them).
     seed: shuffle seed (chapter order; reshuffled each epoch).
     shuffle: False keeps corpus order (evaluation).
     num_epochs: None repeats forever.
-    shard_index, shard_count: this process's share of the chapters (multi-host).
+    shard_index, shard_count: this process keeps rows shard_index of shard_count equal
+      parts of each global batch (multi-host).
   Returns:
-    IterDataset of {"tokens": int32 [batch_size, T]} (or [T] unbatched).
+    IterDataset of {"tokens": int32 [batch_size / shard_count, T]} (or [T] unbatched).
   """
   if length < 2:
     raise UserInputError(f"data.window={length}: expected >= 2")
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)[shard_index::shard_count].map(Tokenize(tokenizer, separator))
+  ds = ds.repeat(num_epochs).map(Tokenize(tokenizer, separator))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=16))
   it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": length - 1})
   it = it.filter(_complete).map(_prepend(separator))
-  return it if batch_size is None else it.batch(batch_size, drop_remainder=True)
+  if batch_size is None:
+    return it
+  return it.batch(batch_size, drop_remainder=True).map(
+      process_rows(shard_index, shard_count, batch_size))
+
+
+def process_rows(shard_index: int, shard_count: int, batch_size: int):
+  """batch -> the rows [i * B/P, (i + 1) * B/P) of every field (process i of P)."""
+  if batch_size % shard_count:
+    raise UserInputError(f"batch size {batch_size} is not divisible by the {shard_count} "
+                         "processes")
+  size = batch_size // shard_count
+  rows = slice(shard_index * size, (shard_index + 1) * size)
+  return lambda batch: {k: v[rows] for k, v in batch.items()}
 
 
 def split_statistics(source: Sequence, tokenizer, *, length: int, separator: int) -> dict:

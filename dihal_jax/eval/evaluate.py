@@ -265,5 +265,4 @@ def plot(report: dict, path: Path):
     if key == "gen_ppl":
       ax.set_yscale("log")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reports.save_figure(fig, path)

@@ -300,8 +300,7 @@ def plot(report: dict, path):
   twin_handles = twin.get_legend_handles_labels()
   ax.legend(handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize=8, loc="best")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reports.save_figure(fig, path)
 
 
 def summary(report: dict) -> str:

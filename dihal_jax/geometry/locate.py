@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from dihal_jax import reports
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.data.hidden import batch_sharding
 from dihal_jax.errors import UserInputError
@@ -272,14 +273,12 @@ def plot(report: dict, path):
   fig.suptitle(f"Geometry per layer, {report['num_tokens']} tokens; "
                f"selected layer {report['selected_layer']} (red)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reports.save_figure(fig, path)
 
 
 def summary(report: dict) -> str:
-  from dihal_jax.reports import markdown_table
   rows = [[r["layer"], r["erank"], r["erank_raw"], r["curvature"], r["compactness"],
            r["stiffness"], r["score"]] for r in report["layers"]]
-  table = markdown_table(["layer", "erank", "erank_raw", "curvature", "compactness", "stiffness",
-                          "score"], rows)
+  table = reports.markdown_table(
+      ["layer", "erank", "erank_raw", "curvature", "compactness", "stiffness", "score"], rows)
   return table + f"\nselected layer ℓ* = {report['selected_layer']} ({report['num_tokens']} tokens)"

@@ -18,6 +18,7 @@ import math
 from typing import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -111,3 +112,23 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None], rules: Rules,
                    shape: Sequence[int] | None = None) -> NamedSharding:
   """NamedSharding for an array with the given logical axis names."""
   return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def put_global(tree, shardings):
+  """`jax.device_put(tree, shardings)` that also works when the shardings span processes.
+
+  Every process must hold the same values (a seeded init, a restored checkpoint, a
+  broadcast constant). With one process this is a plain device_put; with several,
+  each leaf goes through the host so every process places its addressable shards
+  (device_put refuses a device-resident array for non-addressable devices).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, sharding):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+
+  return jax.tree.map(put, tree, shardings)

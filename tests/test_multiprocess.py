@@ -1,0 +1,136 @@
+"""The multi-host code path on one machine: two `dihal` processes over 127.0.0.1 (gloo).
+
+`locate` and a few bridge train steps run as two processes (two CPU devices
+each) and must agree with one process on one device: every process holds its
+rows of the same global batches (data/pipeline.py), so only the order of
+floating-point reductions differs. A second test kills one process and checks
+that the other stops with a clear message within a bounded time.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+TINY = ["--config=configs/tiny_llama.py", "--config.locate.num_tokens=2048",
+        "--config.locate.batch_size=8", "--config.locate.reservoir=512",
+        "--config.locate.anchors=64", "--config.locate.pairs=1024"]
+TRAIN = ["--config.bridge.layer=1", "--config.train.steps=6", "--config.train.warmup_steps=2",
+         "--config.train.batch_size=8", "--config.train.cache_windows=32",
+         "--config.train.val_windows=8", "--config.train.val_every=3",
+         "--config.train.log_every=1", "--config.train.checkpoint_every=3",
+         "--config.bridge.unet.channels=16", "--config.bridge.unet.heads=2",
+         "--config.bridge.unet.groups=4"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env.pop("DIHAL_DISTRIBUTED", None)
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def _dihal(args):
+  return [sys.executable, "-m", "dihal_jax.cli", *args]
+
+
+def _start_pair(args, **extra):
+  port = _free_port()
+  return [subprocess.Popen(
+      _dihal(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=_env(2, DIHAL_DISTRIBUTED="cpu", DIHAL_COORDINATOR=f"127.0.0.1:{port}",
+               DIHAL_NUM_PROCESSES=2, DIHAL_PROCESS_ID=i, **extra)) for i in range(2)]
+
+
+def _run_pair(args, timeout=600):
+  procs = _start_pair(args)
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def _run_single(args):
+  proc = subprocess.run(_dihal(args), cwd=REPO, capture_output=True, text=True, env=_env(1),
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+  """One process, one device: the reference locate and train runs."""
+  work = tmp_path_factory.mktemp("single")
+  _run_single(["locate", *TINY, f"--workdir={work / 'locate'}"])
+  _run_single(["train", *TINY, *TRAIN, _checkpoint(work), f"--workdir={work / 'train'}"])
+  return work
+
+
+def _checkpoint(single):
+  """The seeded random backbone the reference run made (shared, not rebuilt per process)."""
+  return f"--config.model.checkpoint={single / 'locate' / 'random_hf_checkpoint'}"
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_locate_and_train_like_one(single, tmp_path):
+  ckpt = _checkpoint(single)
+  outs = _run_pair(["locate", *TINY, ckpt, f"--workdir={tmp_path}"])
+  assert "process 1/2" in outs[1][1]
+  one = json.loads((single / "locate" / "report.json").read_text())
+  two = json.loads((tmp_path / "report.json").read_text())
+  assert two["num_tokens"] == one["num_tokens"]
+  assert two["selected_layer"] == one["selected_layer"]
+  for a, b in zip(one["layers"], two["layers"]):
+    for proxy in ("erank", "curvature", "compactness", "stiffness", "score"):
+      np.testing.assert_allclose(b[proxy], a[proxy], rtol=2e-3, atol=2e-3, err_msg=proxy)
+
+  _run_pair(["train", *TINY, *TRAIN, ckpt, f"--workdir={tmp_path}"])
+  want, got = _metrics(single / "train"), _metrics(tmp_path)
+  assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+  np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+  np.testing.assert_allclose([r["val_loss"] for r in got if "val_loss" in r],
+                             [r["val_loss"] for r in want if "val_loss" in r], rtol=1e-4)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+      "3", "6"]
+
+
+def test_a_killed_peer_stops_the_other_process_in_bounded_time(single, tmp_path):
+  """Process 1 is killed mid-run; process 0 must exit non-zero with a message naming the
+  lost peer well before the heartbeat timeout runs out several times over."""
+  ckpt = _checkpoint(single)
+  args = ["train", *TINY, *TRAIN, ckpt, "--config.train.steps=100000", f"--workdir={tmp_path}"]
+  procs = _start_pair(args, DIHAL_HEARTBEAT_TIMEOUT=10)
+  try:
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+      time.sleep(1)  # both processes are training
+    assert (tmp_path / "metrics.jsonl").is_file(), "training never started"
+    procs[1].send_signal(signal.SIGKILL)
+    start = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    waited = time.monotonic() - start
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[0].returncode != 0
+  assert waited < 120
+  print(f"process 0 stopped {waited:.0f} s after its peer was killed:\n{err[-1500:]}")
+  assert any(w in err for w in ("heartbeat", "task", "peer", "Connection", "unavailable",
+                                "UNAVAILABLE", "coordination")), err[-3000:]
