@@ -134,3 +134,52 @@ def test_a_killed_peer_stops_the_other_process_in_bounded_time(single, tmp_path)
   print(f"process 0 stopped {waited:.0f} s after its peer was killed:\n{err[-1500:]}")
   assert any(w in err for w in ("heartbeat", "task", "peer", "Connection", "unavailable",
                                 "UNAVAILABLE", "coordination")), err[-3000:]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DIHAL_DISTRIBUTED": "mpi"}, "DIHAL_DISTRIBUTED='mpi'"),
+    ({"DIHAL_DISTRIBUTED": "cpu", "DIHAL_COORDINATOR": "localhost"}, "DIHAL_COORDINATOR"),
+    ({"DIHAL_DISTRIBUTED": "cpu", "DIHAL_COORDINATOR": "127.0.0.1:1234"},
+     "DIHAL_NUM_PROCESSES is not set"),
+    ({"DIHAL_DISTRIBUTED": "cpu", "DIHAL_COORDINATOR": "127.0.0.1:1234",
+      "DIHAL_NUM_PROCESSES": "2", "DIHAL_PROCESS_ID": "2"}, "DIHAL_PROCESS_ID=2"),
+    ({"DIHAL_DISTRIBUTED": "auto", "DIHAL_INIT_TIMEOUT": "soon"}, "DIHAL_INIT_TIMEOUT"),
+])
+def test_bad_distributed_environment_exits_2(tmp_path, env, message):
+  proc = subprocess.run(_dihal(["locate", *TINY, f"--workdir={tmp_path}"]), cwd=REPO,
+                        capture_output=True, text=True, env=_env(1, **env), timeout=120)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("dihal: error:") and message in last, proc.stderr[-2000:]
+
+
+def test_distributed_settings_for_local_cpu_processes(monkeypatch):
+  from dihal_jax.parallel import distributed
+  for name in ("DIHAL_DISTRIBUTED", "DIHAL_INIT_TIMEOUT", "DIHAL_HEARTBEAT_TIMEOUT"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.settings() == {}
+  monkeypatch.setenv("DIHAL_DISTRIBUTED", "cpu")
+  monkeypatch.setenv("DIHAL_COORDINATOR", "127.0.0.1:4321")
+  monkeypatch.setenv("DIHAL_NUM_PROCESSES", "4")
+  monkeypatch.setenv("DIHAL_PROCESS_ID", "3")
+  monkeypatch.setenv("DIHAL_HEARTBEAT_TIMEOUT", "7")
+  assert distributed.settings() == {
+      "coordinator_address": "127.0.0.1:4321", "num_processes": 4, "process_id": 3,
+      "initialization_timeout": 300, "heartbeat_timeout_seconds": 7}
+  monkeypatch.setenv("DIHAL_DISTRIBUTED", "auto")
+  assert distributed.settings() == {"initialization_timeout": 300,
+                                    "heartbeat_timeout_seconds": 7}
+
+
+def test_an_unreachable_coordinator_fails_within_the_init_timeout(tmp_path):
+  port = _free_port()  # nobody listens there
+  start = time.monotonic()
+  proc = subprocess.run(
+      _dihal(["locate", *TINY, f"--workdir={tmp_path}"]), cwd=REPO, capture_output=True,
+      text=True, timeout=120,
+      env=_env(1, DIHAL_DISTRIBUTED="cpu", DIHAL_COORDINATOR=f"127.0.0.1:{port}",
+               DIHAL_NUM_PROCESSES=2, DIHAL_PROCESS_ID=1, DIHAL_INIT_TIMEOUT=3))
+  assert proc.returncode != 0 and time.monotonic() - start < 60
+  assert f"joining 2 processes via 127.0.0.1:{port} as process 1" in proc.stderr
+  assert "DEADLINE_EXCEEDED" in proc.stderr
+  assert not (tmp_path / "report.json").exists()

@@ -20,6 +20,7 @@ share of each global batch (data/pipeline.py); only process 0 writes reports
 from __future__ import annotations
 
 import os
+import sys
 
 from dihal_jax.errors import UserInputError
 
@@ -71,13 +72,17 @@ def initialize() -> None:
   if not args:
     return
   import jax
+  where = args.get("coordinator_address", "the detected cluster")
+  # If the coordinator stays unreachable, JAX aborts the process (SIGABRT) after the
+  # timeout with a DEADLINE_EXCEEDED log line; this line says what was being waited for.
+  print(f"dihal: joining {args.get('num_processes', 'the')} processes via {where}"
+        f"{' as process ' + str(args['process_id']) if 'process_id' in args else ''}, "
+        f"waiting up to {args['initialization_timeout']} s", file=sys.stderr, flush=True)
   if "coordinator_address" in args:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(**args)
-  except Exception as e:  # XlaRuntimeError / RuntimeError from the coordination service
-    where = args.get("coordinator_address", "the detected cluster")
+  except Exception as e:  # a refused argument, or an error the service reports in Python
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserInputError(f"jax.distributed.initialize ({where}) failed within "
-                         f"{args['initialization_timeout']} s: {first}") from None
+    raise UserInputError(f"jax.distributed.initialize ({where}) failed: {first}") from None
