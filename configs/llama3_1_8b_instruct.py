@@ -9,6 +9,20 @@ architecture alone serves planning (`jax.eval_shape`, AOT compile).
 
 from dihal_jax import defaults
 
+# `dihal plan` meshes (data, fsdp, tensor) per topology. FSDP over every chip that the fast
+# interconnect links (a TPU slice, v5e-16 and v4-32 included, spans its hosts by ICI; an H100
+# node by NVLink), data parallelism only across H100 nodes, whose network is ~10x slower.
+# The backbone is frozen: FSDP only buys memory (16 GB of bf16 weights do not fit a 16 GiB
+# v5e chip), and at DiHAL's small batches XLA keeps the weight shards in place and moves the
+# (smaller) activations instead of gathering weights (seen in the HLO compiled by
+# `dihal plan --compile`). Tensor = 1: it would cut the bridge's
+# data parallelism (batch goes over data x fsdp) for no memory DiHAL needs; 8 KV heads cap it
+# at 8 anyway. `dihal plan` shows the result and suggests another mesh when one does not fit.
+MESH_PRESETS = dict(
+    v5e_8=dict(data=1, fsdp=8, tensor=1), v5e_16=dict(data=1, fsdp=16, tensor=1),
+    v4_32=dict(data=1, fsdp=16, tensor=1), v5p_8=dict(data=1, fsdp=4, tensor=1),
+    h100x8=dict(data=1, fsdp=8, tensor=1), h100x16=dict(data=2, fsdp=8, tensor=1))
+
 
 def get_config():
   c = defaults.base()
@@ -25,4 +39,5 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.mesh_presets = MESH_PRESETS
   return c

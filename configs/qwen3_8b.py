@@ -5,6 +5,13 @@
 
 from dihal_jax import defaults
 
+# `dihal plan` meshes per topology, for the reasons given in configs/llama3_1_8b_instruct.py
+# (same shape class: 16.4 GB of bf16 weights, 8 KV heads).
+MESH_PRESETS = dict(
+    v5e_8=dict(data=1, fsdp=8, tensor=1), v5e_16=dict(data=1, fsdp=16, tensor=1),
+    v4_32=dict(data=1, fsdp=16, tensor=1), v5p_8=dict(data=1, fsdp=4, tensor=1),
+    h100x8=dict(data=1, fsdp=8, tensor=1), h100x16=dict(data=2, fsdp=8, tensor=1))
+
 
 def get_config():
   c = defaults.base()
@@ -18,4 +25,5 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.mesh_presets = MESH_PRESETS
   return c

@@ -15,11 +15,14 @@ Commands:
   eval      every method and reference row: gen PPL, diversity, memorization, spread, recovery
   sweep     the fixed bridge protocol at each of --layers; Spearman ρ of score vs val loss
   demo      what exists end to end on the default model (see README)
+  plan      --topology=NAME [--out FILE] [--compile]: per-device memory and paper step times
+            of the config on a TPU/GPU topology, nothing allocated (no --workdir)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,9 +30,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from dihal_jax.errors import UserInputError
+from dihal_jax.parallel import distributed
 
 COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "sample", "eval", "sweep",
-            "demo")
+            "demo", "plan")
+# `plan --compile` compiles for 8 devices on the host's CPU: the flag must precede JAX's start.
+COMPILE_XLA_FLAG = "--xla_force_host_platform_device_count=8"
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -52,6 +58,11 @@ flags.DEFINE_string("layers", "", "sweep: layers to train, e.g. 0,1,2 or 1-4.",
                     flag_values=FLAGS)
 flags.DEFINE_string("infill", "", "sample: text whose [___] gaps the bridge fills.",
                     flag_values=FLAGS)
+flags.DEFINE_string("topology", None, "plan: v5e-8 | v5e-16 | v4-32 | v5p-8 | h100x8 | h100x16.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "plan: write the plan as JSON to this file.", flag_values=FLAGS)
+flags.DEFINE_bool("compile", False, "plan: also compile the programs on 8 simulated CPU devices.",
+                  flag_values=FLAGS)
 
 
 def _fail(message: str) -> int:
@@ -91,6 +102,10 @@ def main(argv: list[str]) -> int:
     return _fail(f"expected a command, one of {', '.join(COMMANDS)} (usage: dihal COMMAND "
                  "--config=FILE --workdir=DIR)")
   command = argv[1]
+  if command == "plan" and any(a.startswith("--compile") for a in argv[2:]):
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in xla_flags:
+      os.environ["XLA_FLAGS"] = f"{xla_flags} {COMPILE_XLA_FLAG}".strip()
   try:
     FLAGS([argv[0]] + argv[2:])
   except flags.Error as e:
@@ -99,12 +114,21 @@ def main(argv: list[str]) -> int:
     return _fail(_config_load_error(e))
   except (AttributeError, KeyError) as e:  # ml_collections: --config.a.b override of no field
     return _fail(_override_error(e, argv[2:]))
+  except ValueError as e:  # ml_collections: an override path it cannot parse (--config.a-b=1)
+    return _fail(str(e).splitlines()[0])
   if FLAGS.config is None:
     return _fail("--config=FILE is required (e.g. --config=configs/smollm2_135m.py)")
   try:
     FLAGS.config.keys()  # ml_collections defers a config-file load error to first access
   except OSError as e:
     return _fail(_config_load_error(e))
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+  if command == "plan":
+    try:
+      return _plan(FLAGS.config, config_flags.get_config_filename(FLAGS["config"]))
+    except UserInputError as e:
+      return _fail(str(e))
   if not FLAGS.workdir:
     return _fail("--workdir=DIR is required")
   workdir = Path(FLAGS.workdir)
@@ -115,13 +139,48 @@ def main(argv: list[str]) -> int:
     probe.unlink()
   except OSError as e:
     return _fail(f"--workdir={workdir}: not writable ({e.strerror})")
-  logging.basicConfig(level=logging.WARNING, format="%(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
-  _log_environment()
   try:
+    distributed.initialize()
+    _log_environment()
     return _run(command, FLAGS.config, workdir)
   except UserInputError as e:
     return _fail(str(e))
+
+
+def _writable_file(path: Path) -> Path:
+  """`path` if a file can be written there (parents made), else a UserInputError."""
+  if path.is_dir():
+    raise UserInputError(f"--out={path}: is a directory, expected a file name")
+  blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+  if blocker is not None:
+    raise UserInputError(f"--out={path}: {blocker} is not a directory")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.parent / f".{path.name}.write_test"
+    probe.touch()
+    probe.unlink()
+  except OSError as e:
+    raise UserInputError(f"--out={path}: cannot write there ({e.strerror})") from None
+  return path
+
+
+def _plan(config, config_name: str) -> int:
+  """`dihal plan`: needs --topology, no --workdir; prints the plan, --out writes its JSON."""
+  from dihal_jax import reports
+  from dihal_jax.parallel import plan, topology
+
+  if not FLAGS.topology:
+    return _fail(f"plan: --topology=NAME is required (one of {', '.join(topology.TOPOLOGIES)})")
+  target = topology.get_topology(FLAGS.topology)
+  out = _writable_file(Path(FLAGS.out)) if FLAGS.out else None
+  if FLAGS.compile:
+    _log_environment()
+  report = plan.make_plan(config, target, config_name=config_name, compile=FLAGS.compile)
+  print(plan.summary(report, config))
+  if out is not None:
+    reports.write_json(out, report)
+    print(f"plan: {out}")
+  return 0 if report["fits"] else 1
 
 
 def _run(command: str, config, workdir: Path) -> int:

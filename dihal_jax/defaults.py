@@ -34,6 +34,11 @@ def base() -> ml_collections.ConfigDict:
   # Device mesh (data, fsdp, tensor); one axis may be -1 = all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = DEFAULT_RULES  # logical name -> mesh axes (parallel/sharding.py)
+  # `dihal plan --topology=NAME`: the mesh to plan for on each topology, keyed by the name
+  # with "-" -> "_" (v5e_8, v5e_16, v4_32, v5p_8, h100x8, h100x16) so that overrides parse
+  # (--config.mesh_presets.v5e_8.fsdp=4). A topology without an entry gets
+  # parallel/topology.py::default_mesh (FSDP over the fast interconnect, data across the rest).
+  c.mesh_presets = ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
   # In-domain corpus: "builtin:austen" (shipped) or a folder of .txt/.txt.gz files.
