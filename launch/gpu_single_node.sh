@@ -36,30 +36,8 @@ EOF
 
 set -euo pipefail
 
-die() { echo "gpu_single_node.sh: error: $*" >&2; exit 2; }
-
-# Print a command as one copy-pastable line: words made of safe characters
-# as they are, anything else in single quotes.
-show() {
-  local out="+" w sq="'"
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+=" $w"
-    else
-      out+=" '${w//${sq}/${sq}\\${sq}${sq}}'"
-    fi
-  done
-  printf '%s\n' "$out"
-}
-
-DRY_RUN=0
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then show "$@"; else "$@"; fi
-}
-
-need_value() {  # need_value FLAG NUMBER_OF_REMAINING_ARGS
-  [[ "$2" -ge 2 ]] || die "$1 needs a value"
-}
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 GPUS=""
 MEM_FRACTION="0.90"
@@ -70,15 +48,11 @@ CMD=()
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --gpus) need_value "$1" "$#"; GPUS="$2"; shift 2 ;;
-    --gpus=*) GPUS="${1#*=}"; shift ;;
-    --mem-fraction) need_value "$1" "$#"; MEM_FRACTION="$2"; shift 2 ;;
-    --mem-fraction=*) MEM_FRACTION="${1#*=}"; shift ;;
+    --gpus|--gpus=*) opt_value GPUS "$@"; shift "$OPT_WORDS" ;;
+    --mem-fraction|--mem-fraction=*) opt_value MEM_FRACTION "$@"; shift "$OPT_WORDS" ;;
     --install) INSTALL=1; shift ;;
-    --venv) need_value "$1" "$#"; VENV="$2"; shift 2 ;;
-    --venv=*) VENV="${1#*=}"; shift ;;
-    --jax-version) need_value "$1" "$#"; JAX_VERSION="$2"; shift 2 ;;
-    --jax-version=*) JAX_VERSION="${1#*=}"; shift ;;
+    --venv|--venv=*) opt_value VENV "$@"; shift "$OPT_WORDS" ;;
+    --jax-version|--jax-version=*) opt_value JAX_VERSION "$@"; shift "$OPT_WORDS" ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; CMD=("$@"); break ;;

@@ -30,27 +30,9 @@ EOF
 
 set -euo pipefail
 
-die() { echo "local_multiprocess.sh: error: $*" >&2; exit 2; }
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# Print a command as one copy-pastable line: words made of safe characters
-# as they are, anything else in single quotes.
-show() {
-  local out="+" w sq="'"
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+=" $w"
-    else
-      out+=" '${w//${sq}/${sq}\\${sq}${sq}}'"
-    fi
-  done
-  printf '%s\n' "$out"
-}
-
-need_value() {  # need_value FLAG NUMBER_OF_REMAINING_ARGS
-  [[ "$2" -ge 2 ]] || die "$1 needs a value"
-}
-
-DRY_RUN=0
 NUM=2
 PORT=""
 LOG_DIR=""
@@ -58,12 +40,9 @@ CMD=()
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    -n|--num-processes) need_value "$1" "$#"; NUM="$2"; shift 2 ;;
-    --num-processes=*) NUM="${1#*=}"; shift ;;
-    --port) need_value "$1" "$#"; PORT="$2"; shift 2 ;;
-    --port=*) PORT="${1#*=}"; shift ;;
-    --log-dir) need_value "$1" "$#"; LOG_DIR="$2"; shift 2 ;;
-    --log-dir=*) LOG_DIR="${1#*=}"; shift ;;
+    -n|--num-processes|--num-processes=*) opt_value NUM "$@"; shift "$OPT_WORDS" ;;
+    --port|--port=*) opt_value PORT "$@"; shift "$OPT_WORDS" ;;
+    --log-dir|--log-dir=*) opt_value LOG_DIR "$@"; shift "$OPT_WORDS" ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; CMD=("$@"); break ;;

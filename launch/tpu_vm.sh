@@ -57,26 +57,8 @@ EOF
 
 set -euo pipefail
 
-die() { echo "tpu_vm.sh: error: $*" >&2; exit 2; }
-
-# Print a command as one copy-pastable line: words made of safe characters
-# as they are, anything else in single quotes.
-show() {
-  local out="+" w sq="'"
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+=" $w"
-    else
-      out+=" '${w//${sq}/${sq}\\${sq}${sq}}'"
-    fi
-  done
-  printf '%s\n' "$out"
-}
-
-DRY_RUN=0
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then show "$@"; else "$@"; fi
-}
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SUBCOMMAND=""
 NAME=""
@@ -93,35 +75,20 @@ JAX_VERSION="0.10.2"
 RESULTS=""
 KEEP=0
 
-need_value() {  # need_value FLAG NUMBER_OF_REMAINING_ARGS
-  [[ "$2" -ge 2 ]] || die "$1 needs a value"
-}
-
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) need_value "$1" "$#"; NAME="$2"; shift 2 ;;
-    --name=*) NAME="${1#*=}"; shift ;;
-    --zone) need_value "$1" "$#"; ZONE="$2"; shift 2 ;;
-    --zone=*) ZONE="${1#*=}"; shift ;;
-    --project) need_value "$1" "$#"; PROJECT="$2"; shift 2 ;;
-    --project=*) PROJECT="${1#*=}"; shift ;;
-    --accelerator-type) need_value "$1" "$#"; ACCELERATOR_TYPE="$2"; shift 2 ;;
-    --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}"; shift ;;
-    --version) need_value "$1" "$#"; VERSION="$2"; shift 2 ;;
-    --version=*) VERSION="${1#*=}"; shift ;;
+    --name|--name=*) opt_value NAME "$@"; shift "$OPT_WORDS" ;;
+    --zone|--zone=*) opt_value ZONE "$@"; shift "$OPT_WORDS" ;;
+    --project|--project=*) opt_value PROJECT "$@"; shift "$OPT_WORDS" ;;
+    --accelerator-type|--accelerator-type=*) opt_value ACCELERATOR_TYPE "$@"; shift "$OPT_WORDS" ;;
+    --version|--version=*) opt_value VERSION "$@"; shift "$OPT_WORDS" ;;
     --spot) SPOT=1; shift ;;
-    --workdir) need_value "$1" "$#"; WORKDIR="$2"; shift 2 ;;
-    --workdir=*) WORKDIR="${1#*=}"; shift ;;
-    --cmd) need_value "$1" "$#"; CMD="$2"; shift 2 ;;
-    --cmd=*) CMD="${1#*=}"; shift ;;
-    --remote-dir) need_value "$1" "$#"; REMOTE_DIR="$2"; shift 2 ;;
-    --remote-dir=*) REMOTE_DIR="${1#*=}"; shift ;;
-    --python) need_value "$1" "$#"; PYTHON="$2"; shift 2 ;;
-    --python=*) PYTHON="${1#*=}"; shift ;;
-    --jax-version) need_value "$1" "$#"; JAX_VERSION="$2"; shift 2 ;;
-    --jax-version=*) JAX_VERSION="${1#*=}"; shift ;;
-    --results) need_value "$1" "$#"; RESULTS="$2"; shift 2 ;;
-    --results=*) RESULTS="${1#*=}"; shift ;;
+    --workdir|--workdir=*) opt_value WORKDIR "$@"; shift "$OPT_WORDS" ;;
+    --cmd|--cmd=*) opt_value CMD "$@"; shift "$OPT_WORDS" ;;
+    --remote-dir|--remote-dir=*) opt_value REMOTE_DIR "$@"; shift "$OPT_WORDS" ;;
+    --python|--python=*) opt_value PYTHON "$@"; shift "$OPT_WORDS" ;;
+    --jax-version|--jax-version=*) opt_value JAX_VERSION "$@"; shift "$OPT_WORDS" ;;
+    --results|--results=*) opt_value RESULTS "$@"; shift "$OPT_WORDS" ;;
     --keep) KEEP=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;

