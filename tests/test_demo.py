@@ -35,6 +35,8 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
         assert np.isfinite(row["val_mse"]) and np.isfinite(row["spread_ratio"]), method
   assert report["results"]["dihal_l0"]["layer"] == 0
   assert report["results"]["dihal"]["ar_share"] > 0
+  assert report["results"]["oracle"]["ar_share"] > 0  # the blockwise readout of true states
+  assert "oracle_lm_head" in report["results"] and "oracle_lm_head" in report["samples"]
   assert report["train"]["layer"] == report["locate"]["selected_layer"]
   assert report["effective_config"]["train"]["steps"] == 12  # the preset was applied
   for name in ("report.md", "parity.png", "geometry.png", "loss.png", "eval.png"):

@@ -220,3 +220,24 @@ def test_sample_and_eval_without_a_trained_bridge_exit_2(tmp_path):
     assert "dihal train" in proc.stderr.splitlines()[-1]
   proc = _dihal(tmp_path, "eval", "--config.eval.methods=dihal,bogus", workdir=tmp_path / "e")
   assert proc.returncode == 2 and "bogus" in proc.stderr.splitlines()[-1]
+
+
+def test_oracle_blockwise_in_one_block_is_the_teacher_forced_argmax(models):
+  """The oracle's stand-in bridge returns the true states; with one block over the whole
+  window every read position sees only true states, so blockwise at temperature 0 gives the
+  teacher-forced argmax of the real text (torch)."""
+  from dihal_jax.eval.evaluate import oracle_tokens
+  model, torch_model = models
+  reader = Readout(model, 1, SEP)
+  text = np.random.default_rng(3).integers(3, model.cfg.vocab_size, (3, N)).astype(np.int32)
+  text[:, 0] = SEP
+  got = oracle_tokens(reader, np.asarray(reader.lower(text)), jax.random.key(0),
+                      ReadoutConfig(temperature=0.0, block=N - 1), "blockwise", None, batch=2)
+  np.testing.assert_array_equal(got[:, 0], SEP)
+  np.testing.assert_array_equal(got[:, 1:], _torch_argmax(torch_model, text).numpy()[:, :-1])
+
+
+def test_default_methods_skip_the_rows_that_repeat_the_default_readout():
+  from dihal_jax.eval.evaluate import METHODS, default_methods
+  assert set(METHODS) - set(default_methods("blockwise")) == {"dihal_blockwise"}
+  assert set(METHODS) - set(default_methods("lm_head")) == {"dihal_lm_head", "oracle_lm_head"}

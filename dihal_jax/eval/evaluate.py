@@ -2,8 +2,10 @@
 
 Rows (DESIGN.md "Evaluation" and "crux"; `eval.methods` picks them):
   real_text            held-out windows themselves (the reference gen PPL).
-  oracle               the LM-head readout (sample.temperature / top_p) of the
-                       *true* h_l* of held-out windows: the ceiling of a perfect bridge.
+  oracle               the default readout (sample.readout; `refine` reads as `lm_head`)
+                       applied to the *true* h_l* of held-out windows: a perfect bridge.
+  oracle_lm_head       per-position LM-head draws (sample.temperature / top_p) of the
+                       true h_l*: the literal readout, not self-consistent (DESIGN.md crux).
   ar_backbone          the backbone's own samples from the separator (temperature 1).
   dihal                the bridge at l* with the default readout (sample.readout);
   dihal_<mode>         ... with each other readout mode (by default not the
@@ -56,14 +58,40 @@ from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.hybrid.readout import MODES, Readout, nearest_embedding
 from dihal_jax.hybrid.sample import identity_head, readout_config
 
-REFERENCE_ROWS = ("real_text", "oracle", "ar_backbone")
+REFERENCE_ROWS = ("real_text", "oracle", "oracle_lm_head", "ar_backbone")
 METHODS = REFERENCE_ROWS + ("dihal",) + tuple(f"dihal_{m}" for m in MODES) + (
     "dihal_l0", "embedding_rounding")
 
 
 def default_methods(readout: str) -> list[str]:
-  """Every row once: `dihal` is the default readout, so `dihal_<readout>` would repeat it."""
-  return [m for m in METHODS if m != f"dihal_{readout}"]
+  """Every row once: `dihal` is the default readout, so `dihal_<readout>` would repeat it
+  (and `oracle_lm_head` would repeat `oracle` when the default readout is lm_head)."""
+  return [m for m in METHODS if m not in (f"dihal_{readout}", f"oracle_{readout}")]
+
+
+class TrueStates:
+  """Stands in for a bridge in the oracle rows: its samples are the true h_l of held-out
+  windows, except at the positions the readout passes in as known."""
+
+  def __init__(self, h):
+    self.h = jnp.asarray(h)
+
+  def sample(self, key, known_h, known_mask, *, steps=None, x_start=None, t_start=None):
+    del key, steps, x_start, t_start
+    return jnp.where(known_mask[..., None], known_h, self.h)
+
+
+def oracle_tokens(reader: Readout, real_h: np.ndarray, key, cfg, mode: str, head,
+                  batch: int) -> np.ndarray:
+  """Readout `mode` (lm_head, blockwise or identity) of the true states real_h [N, n, d]."""
+  rows = []
+  for i in range(0, len(real_h), batch):
+    h = real_h[i:i + batch]
+    tokens, known = reader.template(len(h), h.shape[1])
+    out = reader.fill(TrueStates(h), jax.random.fold_in(key, i), tokens, known, mode=mode,
+                      cfg=cfg, identity_head=head)
+    rows.append(np.asarray(out["tokens"]))
+  return np.concatenate(rows)
 
 
 SET_NAMES = {"test": "Austen test", "ood": "Moby Dick (OOD)"}
@@ -145,7 +173,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   sets = {name: data.first_windows(name, num, shuffle=True) for name in ("test", "ood")
           if name in data.sources}
 
-  if "oracle" in methods and "main" not in readers:
+  oracle_mode = config.sample.readout if config.sample.readout != "refine" else "lm_head"
+  if oracle_mode == "identity" and head is None:
+    oracle_mode = "lm_head"  # the class-mean head comes with a trained bridge
+  if any(m.startswith("oracle") for m in methods) and "main" not in readers:
     readers["main"] = Readout(backbone, interface_layer(config, workdir), data.separator)
   generated, states, modes, oracle_text = {}, {}, {}, {}
   bar = tqdm(total=len(methods), desc="eval: sampling", disable=not progress)
@@ -186,13 +217,18 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
     for method in tqdm(methods, desc=f"eval: metrics ({set_name})", disable=not progress):
       if method == "real_text":
         tokens = real
-      elif method == "oracle":
-        tokens = np.asarray(readers["main"].lm_head(real_main, jax.random.fold_in(key, 7), cfg))
-        oracle_text[set_name] = tokens
+      elif method.startswith("oracle"):
+        mode = oracle_mode if method == "oracle" else "lm_head"
+        tokens = oracle_tokens(readers["main"], real_main, jax.random.fold_in(key, 7), cfg,
+                               mode, head, batch)
+        if set_name == "test":
+          oracle_text[method] = tokens
       else:
         tokens = None
       row = dict(text_rows[method]) if tokens is None else _text_metrics(tokens, backbone,
                                                                          train_ngrams, batch)
+      if method == "oracle" and oracle_mode == "blockwise":
+        row["ar_share"] = 1.0 / cfg.block
       if method in states:
         at_l0 = method in ("dihal_l0", "embedding_rounding")
         bridge, real_h = (l0, real_l0) if at_l0 else (main, real_main)
@@ -211,8 +247,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
   samples = {m: [tokenizer.decode(r[1:].tolist()) for r in generated[m][:e.show]]
              for m in generated}
-  shown = {"real_text": sets["test"] if "real_text" in methods else None,
-           "oracle": oracle_text.get("test")}
+  shown = {"real_text": sets["test"] if "real_text" in methods else None, **oracle_text}
   for m, rows in shown.items():
     if rows is not None:
       samples[m] = [tokenizer.decode(r[1:].tolist()) for r in rows[:e.show]]
@@ -221,7 +256,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
             "methods": methods, "num": num, "length": n,
             "bridge": {"layer": main.layer if main else None, "step": main.step if main else None,
                        "l0_step": l0.step if l0 else None},
-            "readout": dict(mode=config.sample.readout, **cfg.__dict__),
+            "readout": dict(mode=config.sample.readout, oracle_mode=oracle_mode,
+                            **cfg.__dict__),
             "timings": {"total_s": time.perf_counter() - t0}}
   reports.write_text(workdir / "report.md", summary(report) + "\n")
   plot(report, workdir / "eval.png")
