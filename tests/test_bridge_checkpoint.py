@@ -127,6 +127,21 @@ def test_first_config_difference():
       ("a.c", "<absent>", 2)
   assert first_config_difference({"a": True}, {"a": 1}) == ("a", True, 1)
   assert first_config_difference({"t": {"steps": 1}}, {"t": {"steps": 2}}, ["t"]) is None
+  # Only the sections that shape the state count: a sampling setting or a config field added
+  # later (absent from the stored config) does not block a resume.
+  stored = {"seed": 0, "bridge": {"c": 64}, "sample": {"steps": 50}}
+  now = {"seed": 0, "bridge": {"c": 64}, "sample": {"steps": 20}, "mesh_presets": {}}
+  assert first_config_difference(stored, now, sections=["seed", "bridge"]) is None
+  assert first_config_difference(stored, dict(now, seed=1), sections=["seed", "bridge"]) == (
+      "seed", 0, 1)
+  assert first_config_difference(stored, now) == ("mesh_presets", "<absent>", {})
+
+
+def test_dihal_train_checks_only_the_state_sections():
+  from dihal_jax.bridge.train import STATE_SECTIONS
+  from dihal_jax.defaults import base
+  assert set(base().keys()) - set(STATE_SECTIONS) >= {"sample", "eval", "demo", "locate"}
+  assert {"model", "data", "bridge", "train", "seed"} <= set(STATE_SECTIONS)
 
 
 @pytest.mark.parametrize("damage", ["truncate_array_data", "delete_state_metadata",

@@ -12,7 +12,11 @@ step `<directory>/<step>/` holds four items:
 Why: a preempted run resumes bit-identically (same weights, same next batch),
 and a run restarted with a different model or data config fails loudly instead
 of silently loading weights it was not configured for. Only the fields named in
-`ignore_fields` (default: `train.steps`, so a run may be extended) may differ.
+`ignore_fields` (default: `train.steps`, so a run may be extended) may differ;
+`sections` limits the comparison to the config sections that shape the
+trained state (`dihal train` passes model, data, bridge, train and seed, so
+sampling, evaluation or planning settings, or a field added to them later,
+never block a resume).
 A latest step that cannot be read (truncated or deleted files) is skipped with
 a warning, renamed to `<step>.unreadable` (so the resumed run can save that
 step again), and the step before it is used.
@@ -75,12 +79,17 @@ def _ignored(path: str, ignore_fields: Sequence[str]) -> bool:
   return any(path == f or path.startswith(f + ".") for f in ignore_fields)
 
 
-def first_config_difference(stored: dict, current: dict,
-                            ignore_fields: Sequence[str] = ()) -> tuple[str, Any, Any] | None:
-  """(dotted field path, stored value, current value) of the first difference, or None."""
+def first_config_difference(stored: dict, current: dict, ignore_fields: Sequence[str] = (),
+                            sections: Sequence[str] | None = None
+                            ) -> tuple[str, Any, Any] | None:
+  """(dotted field path, stored value, current value) of the first difference, or None.
+
+  Only fields under `sections` (all when None) count, minus `ignore_fields`.
+  """
   a, b = _flatten(_json_normal(stored)), _flatten(_json_normal(current))
   for path in sorted(set(a) | set(b)):
-    if _ignored(path, ignore_fields):
+    if _ignored(path, ignore_fields) or (
+        sections is not None and not _ignored(path, sections)):
       continue
     va, vb = a.get(path, _ABSENT), b.get(path, _ABSENT)
     if va != vb or type(va) is not type(vb) and not {type(va), type(vb)} <= {int, float}:
@@ -97,7 +106,8 @@ class BridgeCheckpointer:
   """Periodic asynchronous checkpoints of (state, data iterator, extra, config)."""
 
   def __init__(self, directory: str | os.PathLike, *, save_every: int, max_to_keep: int,
-               config: dict, ignore_fields: Sequence[str] = ("train.steps",)):
+               config: dict, ignore_fields: Sequence[str] = ("train.steps",),
+               sections: Sequence[str] | None = None):
     if save_every < 1:
       raise UserInputError(f"checkpoint save_every must be >= 1, got {save_every}")
     if max_to_keep < 1:
@@ -108,6 +118,7 @@ class BridgeCheckpointer:
     self.save_every = save_every
     self.config = _json_normal(config)  # fails here (TypeError) if not JSON-able
     self.ignore_fields = tuple(ignore_fields)
+    self.sections = None if sections is None else tuple(sections)
     try:
       self.directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -146,7 +157,7 @@ class BridgeCheckpointer:
   def _check_config(self, step: int) -> None:
     stored = self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    diff = first_config_difference(stored, self.config, self.ignore_fields)
+    diff = first_config_difference(stored, self.config, self.ignore_fields, self.sections)
     if diff is not None:
       path, was, now = diff
       raise UserInputError(

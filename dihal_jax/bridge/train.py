@@ -46,6 +46,14 @@ from dihal_jax.geometry import locate
 from dihal_jax.parallel.sharding import make_mesh, put_global
 
 
+# The config sections that shape the trained state (a resume checks them), and the fields
+# in them that may change on resume: the run's length and its logging / saving cadence.
+STATE_SECTIONS = ("seed", "model", "data", "bridge", "train")
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every",
+                     "train.checkpoint_every", "train.max_to_keep", "data.cache_dir",
+                     "data.read_threads")
+
+
 class TrainingStopped(Exception):
   """A non-finite loss: training stops, the last good checkpoint stays."""
 
@@ -115,7 +123,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                                        seed=config.seed, shard_index=jax.process_index(),
                                        shard_count=jax.process_count()))
   checkpointer = BridgeCheckpointer(workdir / "checkpoints", save_every=t.checkpoint_every,
-                                    max_to_keep=t.max_to_keep, config=config.to_dict())
+                                    max_to_keep=t.max_to_keep, config=config.to_dict(),
+                                    ignore_fields=RESUMABLE_CHANGES, sections=STATE_SECTIONS)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint_state(state))
   restored = checkpointer.restore_latest(abstract, batches)
   start = 0
