@@ -163,7 +163,7 @@ def cache_hidden_states(model: Decoder, windows: np.ndarray, layers: Sequence[in
                                            shape=(n, windows.shape[1], d)) for l in layers}
     stats = {l: ChannelStats(d) for l in layers}
     rows = process_rows(jax.process_index(), jax.process_count(), batch_size)
-    batches = (rows({"tokens": windows[i:i + batch_size]}) for i in range(0, n, batch_size))
+    batches = ({"tokens": windows[i:i + batch_size][rows]} for i in range(0, n, batch_size))
     stream = hidden_stream(model, batches, layers, mesh=mesh, rules=rules)
     start = 1 if exclude_first else 0
     for i, (_, hidden) in enumerate(stream):
@@ -225,5 +225,5 @@ def cached_batches(cache_dir: str | os.PathLike, layer: int, *, batch_size: int,
   source = CachedLayer(cache_dir, layer)
   rows = process_rows(shard_index, shard_count, batch_size)
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
-  ds = ds.batch(batch_size, drop_remainder=True).map(lambda idx: rows({"i": idx})["i"])
+  ds = ds.batch(batch_size, drop_remainder=True).map(lambda indices: indices[rows])
   return ds.map(source.rows).to_iter_dataset()

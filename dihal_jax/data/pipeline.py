@@ -91,18 +91,18 @@ def window_dataset(source: Sequence, tokenizer, *, length: int, separator: int,
   it = it.filter(_complete).map(_prepend(separator))
   if batch_size is None:
     return it
+  rows = process_rows(shard_index, shard_count, batch_size)
   return it.batch(batch_size, drop_remainder=True).map(
-      process_rows(shard_index, shard_count, batch_size))
+      lambda batch: {k: v[rows] for k, v in batch.items()})
 
 
-def process_rows(shard_index: int, shard_count: int, batch_size: int):
-  """batch -> the rows [i * B/P, (i + 1) * B/P) of every field (process i of P)."""
+def process_rows(shard_index: int, shard_count: int, batch_size: int) -> slice:
+  """The rows [i * B/P, (i + 1) * B/P) of a global batch of B that process i of P holds."""
   if batch_size % shard_count:
     raise UserInputError(f"batch size {batch_size} is not divisible by the {shard_count} "
                          "processes")
   size = batch_size // shard_count
-  rows = slice(shard_index * size, (shard_index + 1) * size)
-  return lambda batch: {k: v[rows] for k, v in batch.items()}
+  return slice(shard_index * size, (shard_index + 1) * size)
 
 
 def split_statistics(source: Sequence, tokenizer, *, length: int, separator: int) -> dict:
