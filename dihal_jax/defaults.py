@@ -107,7 +107,11 @@ def base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()  # dihal eval (eval/evaluate.py)
   c.eval.methods = ""  # comma-separated rows; empty = all (evaluate.METHODS)
-  c.eval.num = 64  # samples per method and real windows per evaluation set
+  c.eval.num = 64  # samples per method and seed; each set draws 2 x num real windows
+  c.eval.seeds = 1  # sampling repeats with other keys (samples pooled; per-seed PPLs reported)
+  c.eval.prefix = 32  # continuation task: tokens given (separator included); 0 = no such task
+  c.eval.ngram_order = 4  # the Kneser–Ney judge's order (fit on the train split)
+  c.eval.encoder = "all_minilm_l6_v2"  # MAUVE's sentence encoder (the package holding model.zip)
   c.eval.noise_levels = (0.1, 0.3, 0.5)  # bridge val MSE and token recovery at these t
   c.eval.show = 3  # sample texts per method in the report
 

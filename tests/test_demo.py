@@ -28,11 +28,23 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
   assert set(report["sets"]) == {"test", "ood"}
   for rows in report["sets"].values():
     for method, row in rows.items():
-      for key in ("gen_ppl", "distinct_1", "distinct_2", "distinct_3", "diversity", "entropy",
-                  "memorization_4gram"):
+      for key in ("gen_ppl", "ngram_ppl", "mauve", "distinct_1", "distinct_2", "distinct_3",
+                  "diversity", "entropy", "memorization_4gram"):
         assert np.isfinite(row[key]), (method, key)
+      for key in ("gen_ppl", "ngram_ppl", "entropy"):
+        lo, hi = row[f"{key}_ci"]
+        assert lo <= row[key] <= hi, (method, key)
+      assert row["num_samples"] == 8 and row["mauve_reference"] == 8
       if method.startswith("dihal") or method == "embedding_rounding":
         assert np.isfinite(row["val_mse"]) and np.isfinite(row["spread_ratio"]), method
+  assert {"unigram_sampler", "bigram_sampler"} <= set(report["results"])
+  continuation = report["continuation"]
+  assert set(continuation) == {"real_text", *(m for m in report["results"]
+                                              if m not in ("real_text", "oracle", "oracle_lm_head"))}
+  for method, row in continuation.items():
+    assert 0.0 <= row["mauve"] <= 1.0 and 0.0 <= row["first_token_repeat"] <= 1.0, method
+    assert row["ngram_ppl_ci"][0] <= row["ngram_ppl"] <= row["ngram_ppl_ci"][1], method
+  assert report["judges"]["ngram"]["order"] == 4
   assert report["results"]["dihal_l0"]["layer"] == 0
   assert report["results"]["dihal"]["ar_share"] > 0
   assert report["results"]["oracle"]["ar_share"] > 0  # the blockwise readout of true states

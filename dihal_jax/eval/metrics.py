@@ -19,9 +19,10 @@ length L has max(L - n + 1, 0) of them. Ratios whose denominator is empty are 0.
   tokens take well under a second.
 - gen_ppl(model, tokens, mask) = exp(sum NLL / number of scored tokens), where
   NLL_t = -ln softmax(logits_{t-1})[token_t] under the backbone `Decoder`, and
-  position t of a row is scored iff t >= 1 and mask[t] and mask[t-1] (so the
-  start token, padding and, with left padding, the first real token are not
-  scored). Token-weighted over the whole set, not a mean of per-row PPLs.
+  position t of a row is scored iff t >= score_from (default 1) and mask[t] and
+  mask[t-1] (so the start token, padding and, with left padding, the first real
+  token are not scored). Token-weighted over the whole set, not a mean of per-row
+  PPLs; the per-row sums come back too, for bootstrap intervals.
 - spread_ratio(generated, real) = sqrt(mean_c var_gen[c]) / sqrt(mean_c var_real[c])
   for arrays [..., d]: var[c] is channel c's population variance (ddof 0) over
   every leading index pooled; i.e. the ratio of RMS per-channel stds. 1 = the
@@ -112,19 +113,20 @@ def memorization(seqs, train_ngrams: np.ndarray, n: int = 4) -> float:
   return _ratio(np.isin(grams, train_ngrams).sum(), len(grams))
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _nll_sum(graphdef, state, tokens, mask):
-  """(sum of NLL over scored positions, number of scored positions) for one batch."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "score_from"))
+def _nll_rows(graphdef, state, tokens, mask, score_from):
+  """Per row: (sum of NLL over scored positions, number of scored positions) for one batch."""
   model: Decoder = nnx.merge(graphdef, state)
   # Default positions 0..T-1 also serve left padding: RoPE scores depend on offsets only.
   logits = model(tokens, mask=mask)[:, :-1]
   target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target
-  scored = mask[:, 1:] & mask[:, :-1]
-  return jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored)
+  scored = mask[:, 1:] & mask[:, :-1] & (jnp.arange(1, tokens.shape[1]) >= score_from)
+  return jnp.sum(jnp.where(scored, nll, 0.0), axis=1), jnp.sum(scored, axis=1)
 
 
-def gen_ppl(model: Decoder, tokens, mask=None, *, batch_size: int = 8) -> dict:
+def gen_ppl(model: Decoder, tokens, mask=None, *, batch_size: int = 8,
+            score_from: int = 1) -> dict:
   """Generative perplexity of `tokens` [N, T] (start token first) under `model`.
 
   Args:
@@ -132,8 +134,11 @@ def gen_ppl(model: Decoder, tokens, mask=None, *, batch_size: int = 8) -> dict:
     tokens: [N, T] int ids, each row starting with the start / separator token.
     mask: [N, T] bool, True = real token (default: all real).
     batch_size: rows per jitted forward; the last batch is padded with masked rows.
+    score_from: only positions t >= score_from are scored (a continuation after a given
+      prefix of that many tokens); earlier ones are context.
   Returns:
-    {"gen_ppl": exp(nll_sum / tokens), "nll_sum": float (nats), "tokens": int scored}.
+    {"gen_ppl": exp(nll_sum / tokens), "nll_sum": float (nats), "tokens": int scored,
+     "row_nll": [N] float64, "row_tokens": [N] int (per row, for bootstrap intervals)}.
   """
   tokens = np.asarray(tokens, np.int32)
   mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
@@ -145,14 +150,18 @@ def gen_ppl(model: Decoder, tokens, mask=None, *, batch_size: int = 8) -> dict:
   tokens = np.concatenate([tokens, np.zeros((pad, t), np.int32)])
   mask = np.concatenate([mask, np.zeros((pad, t), bool)])
   graphdef, state = nnx.split(model)
-  nll_sum, count = 0.0, 0
+  row_nll, row_tokens = [], []
   for i in range(0, n + pad, b):
-    s, c = _nll_sum(graphdef, state, jnp.asarray(tokens[i:i + b]), jnp.asarray(mask[i:i + b]))
-    nll_sum += float(s)
-    count += int(c)
+    s, c = _nll_rows(graphdef, state, jnp.asarray(tokens[i:i + b]), jnp.asarray(mask[i:i + b]),
+                     max(1, score_from))
+    row_nll.append(np.asarray(s, np.float64))
+    row_tokens.append(np.asarray(c))
+  row_nll, row_tokens = np.concatenate(row_nll)[:n], np.concatenate(row_tokens)[:n]
+  nll_sum, count = float(row_nll.sum()), int(row_tokens.sum())
   if not count:
     raise ValueError("gen_ppl: no scored tokens (rows need >= 2 real tokens)")
-  return {"gen_ppl": float(np.exp(nll_sum / count)), "nll_sum": nll_sum, "tokens": count}
+  return {"gen_ppl": float(np.exp(nll_sum / count)), "nll_sum": nll_sum, "tokens": count,
+          "row_nll": row_nll, "row_tokens": row_tokens}
 
 
 def spread_ratio(generated, real) -> float:
