@@ -106,6 +106,10 @@ def main(argv: list[str]) -> int:
     xla_flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in xla_flags:
       os.environ["XLA_FLAGS"] = f"{xla_flags} {COMPILE_XLA_FLAG}".strip()
+  overrides = [a for a in argv[2:] if a.startswith("--config.")]
+  if overrides and not any(a == "--config" or a.startswith("--config=") for a in argv[2:]):
+    return _fail(f"{overrides[0].split('=', 1)[0]}: pass --config=FILE before the --config.* "
+                 "overrides (e.g. --config=configs/smollm2_135m.py)")
   try:
     FLAGS([argv[0]] + argv[2:])
   except flags.Error as e:
@@ -124,6 +128,12 @@ def main(argv: list[str]) -> int:
     return _fail(_config_load_error(e))
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+  if command != "demo":  # the demo checks its effective config, after its preset
+    from dihal_jax import settings
+    try:
+      settings.check(FLAGS.config, command)
+    except UserInputError as e:
+      return _fail(str(e))
   if command == "plan":
     try:
       return _plan(FLAGS.config, config_flags.get_config_filename(FLAGS["config"]))

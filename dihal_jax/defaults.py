@@ -41,9 +41,17 @@ def base() -> ml_collections.ConfigDict:
   c.mesh_presets = ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
-  # In-domain corpus: "builtin:austen" (shipped) or a folder of .txt/.txt.gz files.
+  # In-domain corpus: "builtin:austen" (shipped) or a folder of .txt/.txt.gz/.jsonl(.gz) files
+  # (documents by the first rule that applies: data/corpus.py).
   c.data.dir = "builtin:austen"
   c.data.ood_dir = "builtin:moby_dick"  # out-of-domain evaluation text ("" = none)
+  c.data.encoding = "utf-8"  # of the folder's files; "auto" = detect per file (charset-normalizer)
+  c.data.text_field = "text"  # .jsonl records / tfds: the field holding the text
+  # data.dir = "tfds:NAME[:CONFIG]": a prepared TFDS dataset (array_record) in this data_dir
+  # ("" = TFDS's default), each project split read from the TFDS split named here.
+  c.data.tfds_dir = ""
+  c.data.tfds_splits = ml_collections.ConfigDict(dict(train="train", validation="validation",
+                                                      test="test"))
   # Whole chapters per split, cut per book in this order (data/corpus.py).
   c.data.splits = ml_collections.ConfigDict(dict(train=0.8, validation=0.1, test=0.1))
   c.data.window = 64  # tokens per window, separator included (up to the model's max positions)

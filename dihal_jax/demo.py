@@ -20,7 +20,7 @@ import ml_collections
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dihal_jax import reports  # noqa: E402
+from dihal_jax import reports, settings  # noqa: E402
 from dihal_jax.backbone import checkpoint, parity  # noqa: E402
 from dihal_jax.backbone.generate import generate  # noqa: E402
 from dihal_jax.errors import UserInputError  # noqa: E402
@@ -114,6 +114,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   from dihal_jax.eval import evaluate
 
   config = apply_preset(config)
+  settings.check(config, "demo")
   t0 = time.perf_counter()
   print(f"dihal demo (preset {config.demo.preset}): parity, locate, train DiHAL at l* and the "
         "l = 0 bridge, sample, evaluate")

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from dihal_jax.data import tfds_builder
-from dihal_jax.data.corpus import (Chapter, assign_splits, corpus_splits, read_texts,
+from dihal_jax.data.corpus import (Document, assign_splits, load_corpus, read_files,
                                    split_chapters)
 from dihal_jax.errors import UserInputError
 
@@ -30,9 +30,9 @@ def test_roman_headings_and_preamble_dropped():
   text = ("EMMA\n\nBy Jane Austen\n\n\nCHAPTER I\n\nOne.\n\nCHAPTER II\n\nTwo.\nmore\n\n"
           "CHAPTER XIV\nThree.\n")
   chapters = split_chapters("book", text)
-  assert chapters == [Chapter("book/000", "CHAPTER I\n\nOne."),
-                      Chapter("book/001", "CHAPTER II\n\nTwo.\nmore"),
-                      Chapter("book/002", "CHAPTER XIV\nThree.")]
+  assert chapters == [Document("book/000", "CHAPTER I\n\nOne."),
+                      Document("book/001", "CHAPTER II\n\nTwo.\nmore"),
+                      Document("book/002", "CHAPTER XIV\nThree.")]
 
 
 def test_arabic_and_titled_headings():
@@ -60,26 +60,27 @@ def test_prose_mentioning_chapters_is_not_a_heading():
 
 def test_file_without_headings_is_one_document():
   assert split_chapters("notes", "\n  Just some text.\nMore.\n\n") == [
-      Chapter("notes/000", "Just some text.\nMore.")]
+      Document("notes/000", "Just some text.\nMore.")]
   assert split_chapters("blank", " \n\n") == []
 
 
-def test_read_texts_folder(tmp_path):
+def test_read_files_folder(tmp_path):
   (tmp_path / "b.txt").write_text("CHAPTER 1\nbee\n", encoding="utf-8")
   with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
     f.write("ay \u00e9\n")
   (tmp_path / "c.md").write_text("not read")
   (tmp_path / "sub").mkdir()
   (tmp_path / "sub" / "d.txt").write_text("not read either")
-  assert read_texts(str(tmp_path)) == [("a", "ay \u00e9\n"), ("b", "CHAPTER 1\nbee\n")]
+  assert [(f.stem, f.text) for f in read_files(str(tmp_path))] == [
+      ("a", "ay \u00e9\n"), ("b", "CHAPTER 1\nbee\n")]
 
 
 # --- splits -----------------------------------------------------------------------------
 
 def test_small_files_and_minimum_one_per_split():
-  chapters = ([Chapter(f"a/{i:03d}", f"a{i}") for i in range(3)]
-              + [Chapter(f"b/{i:03d}", f"b{i}") for i in range(2)]
-              + [Chapter(f"c/{i:03d}", f"c{i}") for i in range(4)])
+  chapters = ([Document(f"a/{i:03d}", f"a{i}") for i in range(3)]
+              + [Document(f"b/{i:03d}", f"b{i}") for i in range(2)]
+              + [Document(f"c/{i:03d}", f"c{i}") for i in range(4)])
   splits = assign_splits(chapters, FRACTIONS, seed=0)
   stems = {name: Counter(ch.stem for ch in chs) for name, chs in splits.items()}
   assert stems["train"] == {"a": 1, "b": 2, "c": 2}
@@ -90,7 +91,7 @@ def test_small_files_and_minimum_one_per_split():
 
 @pytest.fixture(scope="module")
 def austen():
-  return [ch for stem, text in read_texts("builtin:austen") for ch in split_chapters(stem, text)]
+  return [ch for f in read_files("builtin:austen") for ch in split_chapters(f.stem, f.text)]
 
 
 def test_austen_chapter_counts(austen):
@@ -110,7 +111,9 @@ def test_austen_splits(austen):
     assert set(per_book) == set(AUSTEN_CHAPTERS)
     for stem, n in AUSTEN_CHAPTERS.items():
       assert abs(per_book[stem] - FRACTIONS[name] * n) <= 1
-  assert splits == corpus_splits("builtin:austen", FRACTIONS, seed=0)
+  corpus = load_corpus("builtin:austen", FRACTIONS, seed=0)
+  assert splits == corpus.splits and corpus.split_rule == "documents"
+  assert {f["document_rule"] for f in corpus.files} == {"chapters"}
   other = assign_splits(austen, FRACTIONS, seed=1)
   assert _ids(other["test"]) != ids["test"]
   assert sorted(_ids(other["train"]) + _ids(other["validation"]) + _ids(other["test"])) == \
@@ -118,7 +121,7 @@ def test_austen_splits(austen):
 
 
 def test_moby_dick_one_test_split():
-  splits = corpus_splits("builtin:moby_dick", None, seed=0)
+  splits = load_corpus("builtin:moby_dick", None, seed=0).splits
   assert list(splits) == ["test"]
   chapters = splits["test"]
   assert len(chapters) == 135
@@ -146,7 +149,7 @@ def _records(source):
 
 def test_tfds_round_trip_cache_and_rebuild(tmp_path):
   corpus, data_dir = _write_corpus(tmp_path / "corpus", TEXTS), tmp_path / "tfds"
-  splits = corpus_splits(corpus, FRACTIONS, seed=0)
+  splits = load_corpus(corpus, FRACTIONS, seed=0).splits
   sources = tfds_builder.build_text_dataset(splits, data_dir)
   assert list(sources) == list(FRACTIONS)
   for name, chapters in splits.items():
@@ -155,20 +158,20 @@ def test_tfds_round_trip_cache_and_rebuild(tmp_path):
 
   (built,) = (data_dir / "text_chapters").glob("*/1.0.0")
   stamp = (built / "dataset_info.json").stat().st_mtime_ns
-  again = tfds_builder.build_text_dataset(corpus_splits(corpus, FRACTIONS, seed=0), data_dir)
+  again = tfds_builder.build_text_dataset(load_corpus(corpus, FRACTIONS, 0).splits, data_dir)
   assert _records(again["test"]) == _records(sources["test"])
   assert list((data_dir / "text_chapters").glob("*/1.0.0")) == [built]
   assert (built / "dataset_info.json").stat().st_mtime_ns == stamp
 
   _write_corpus(tmp_path / "corpus", {"two": TEXTS["two"].replace("says 3", "said 3")})
-  changed = corpus_splits(corpus, FRACTIONS, seed=0)
+  changed = load_corpus(corpus, FRACTIONS, seed=0).splits
   assert tfds_builder.make_config(changed).name != tfds_builder.make_config(splits).name
   tfds_builder.build_text_dataset(changed, data_dir)
   assert len(list((data_dir / "text_chapters").glob("*/1.0.0"))) == 2
 
 
 def test_tfds_empty_split_and_failed_build(tmp_path, monkeypatch):
-  splits = {"train": [Chapter("x/000", "a"), Chapter("x/001", "b")], "test": []}
+  splits = {"train": [Document("x/000", "a"), Document("x/001", "b")], "test": []}
   sources = tfds_builder.build_text_dataset(splits, tmp_path)
   assert len(sources["train"]) == 2 and sources["test"] == []
 
@@ -176,7 +179,7 @@ def test_tfds_empty_split_and_failed_build(tmp_path, monkeypatch):
     yield chapters[0].doc_id, {"doc_id": chapters[0].doc_id, "text": chapters[0].text}
     raise RuntimeError("interrupted")
 
-  splits = {"train": [Chapter("y/000", "c"), Chapter("y/001", "d")]}
+  splits = {"train": [Document("y/000", "c"), Document("y/001", "d")]}
   monkeypatch.setattr(tfds_builder.TextChapters, "_generate_examples", broken)
   with pytest.raises(RuntimeError, match="interrupted"):
     tfds_builder.build_text_dataset(splits, tmp_path)
@@ -200,17 +203,18 @@ def _raises(match, fn, *args):
 
 
 def test_bad_folders(tmp_path):
-  _raises(r"missing.*does not exist", read_texts, str(tmp_path / "missing"))
+  _raises(r"missing.*does not exist", read_files, str(tmp_path / "missing"))
   (tmp_path / "file.txt").write_text("x")
-  _raises(r"file\.txt: not a directory", read_texts, str(tmp_path / "file.txt"))
+  _raises(r"file\.txt: not a directory", read_files, str(tmp_path / "file.txt"))
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "README.md").write_text("x")
-  _raises(r"empty.*empty folder", read_texts, str(tmp_path / "empty"))
-  _raises(r"builtin:shakespeare.*unknown builtin", read_texts, "builtin:shakespeare")
+  _raises(r"empty.*empty folder", read_files, str(tmp_path / "empty"))
+  _raises(r"builtin:shakespeare.*unknown builtin", read_files, "builtin:shakespeare")
 
 
 @pytest.mark.parametrize("files,expected", [
-    ({"bad.txt": b"ok\n\xff\xfe\x00bad"}, r"bad\.txt: not valid UTF-8 at byte offset 3"),
+    ({"bad.txt": b"ok\n\xff\xfe\x00bad"},
+     r"bad\.txt: not valid utf-8 at byte offset 3 \(set --config\.data\.encoding=auto"),
     ({"blank.txt": b" \n"}, r"blank\.txt: the file has no text"),
     ({"broken.txt.gz": b"not gzip"}, r"broken\.txt\.gz: not a readable gzip file"),
     ({"dup.txt": b"a", "dup.txt.gz": gzip.compress(b"b")}, r"dup\.txt and dup\.txt\.gz"),
@@ -218,17 +222,147 @@ def test_bad_folders(tmp_path):
 def test_bad_files(tmp_path, files, expected):
   for name, data in files.items():
     (tmp_path / name).write_bytes(data)
-  _raises(expected, corpus_splits, str(tmp_path), FRACTIONS, 0)
+  _raises(expected, load_corpus, str(tmp_path), FRACTIONS, 0)
 
 
 @pytest.mark.parametrize("fractions", [{"train": 0.8, "test": 0.1}, {"train": 1.2, "test": -0.2},
                                        {"train": 1.0, "test": 0.0}, {},
                                        {"train": 0.5, "all": 0.5}, {"train": "1"}])
 def test_bad_fractions(fractions):
-  _raises(r"data\.splits", assign_splits, [Chapter("a/000", "x")], fractions, 0)
+  _raises(r"data\.splits", assign_splits, [Document("a/000", "x")], fractions, 0)
 
 
 def test_bad_data_dir(tmp_path):
   (tmp_path / "taken").write_text("x")
   _raises(r"taken.*cannot create", tfds_builder.build_text_dataset,
-          {"train": [Chapter("a/000", "x")]}, tmp_path / "taken" / "tfds")
+          {"train": [Document("a/000", "x")]}, tmp_path / "taken" / "tfds")
+
+
+# --- documents from any layout -------------------------------------------------------------
+
+def _article(i: int, words: int = 60) -> str:
+  return " ".join(f"w{i}_{j}" for j in range(words)) + "."
+
+
+def test_one_article_per_line_file_is_split_by_lines(tmp_path):
+  (tmp_path / "news.txt").write_text("\n".join(_article(i) for i in range(30)) + "\n")
+  corpus = load_corpus(str(tmp_path), FRACTIONS, seed=0)
+  assert corpus.files == [{"file": "news.txt", "encoding": "utf-8", "document_rule": "lines",
+                           "documents": 30}]
+  assert corpus.split_rule == "documents"
+  assert {k: len(v) for k, v in corpus.splits.items()} == {"train": 24, "validation": 3,
+                                                            "test": 3}
+  texts = [d.text for docs in corpus.splits.values() for d in docs]
+  assert sorted(texts) == sorted(_article(i) for i in range(30))  # disjoint, nothing lost
+
+
+def test_blank_line_blocks_and_short_lines(tmp_path):
+  (tmp_path / "essay.txt").write_text("A first\nparagraph.\n\n \nA second one.\n\nThird.\n")
+  (tmp_path / "wrapped.txt").write_text("short line one\nshort line two\nshort three\n")
+  corpus = load_corpus(str(tmp_path), None, seed=0)
+  assert [(f["file"], f["document_rule"], f["documents"]) for f in corpus.files] == [
+      ("essay.txt", "blocks", 3), ("wrapped.txt", "file", 1)]
+  assert [d.text for d in corpus.splits["test"]][:3] == ["A first\nparagraph.", "A second one.",
+                                                         "Third."]
+
+
+def test_many_small_files_are_one_document_each_and_split_across(tmp_path):
+  for i in range(25):
+    (tmp_path / f"doc{i:02d}.txt").write_text(f"{_article(i)}\n\n{_article(100 + i)}\n")
+  corpus = load_corpus(str(tmp_path), FRACTIONS, seed=0)
+  assert {f["document_rule"] for f in corpus.files} == {"file"}
+  sizes = {k: len(v) for k, v in corpus.splits.items()}
+  assert sum(sizes.values()) == 25 and sizes["train"] == 20 and all(sizes.values())
+  stems = [d.stem for docs in corpus.splits.values() for d in docs]
+  assert sorted(stems) == [f"doc{i:02d}" for i in range(25)]
+
+
+def test_jsonl_records(tmp_path):
+  import json
+  rows = [json.dumps({"id": i, "body": _article(i)}) for i in range(12)]
+  with gzip.open(tmp_path / "dump.jsonl.gz", "wt") as f:
+    f.write("\n".join(rows) + "\n\n")
+  corpus = load_corpus(str(tmp_path), FRACTIONS, seed=0, text_field="body")
+  assert corpus.files[0]["document_rule"] == "jsonl" and corpus.files[0]["documents"] == 12
+  _raises(r"dump\.jsonl\.gz: line 1 has no string field 'text'", load_corpus, str(tmp_path),
+          FRACTIONS, 0)
+  (tmp_path / "dump.jsonl.gz").unlink()
+  (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+  _raises(r"bad\.jsonl: line 2 is not JSON", load_corpus, str(tmp_path), FRACTIONS, 0)
+
+
+def test_too_few_documents_fall_back_to_contiguous_spans(tmp_path):
+  words = [f"word{i}" for i in range(1000)]
+  (tmp_path / "one.txt").write_text("\n".join(" ".join(words[i:i + 10])
+                                              for i in range(0, 1000, 10)))
+  corpus = load_corpus(str(tmp_path), FRACTIONS, seed=0)
+  assert corpus.files[0]["document_rule"] == "file"
+  assert corpus.split_rule == "contiguous_spans"
+  spans = {k: v[0].text.split() for k, v in corpus.splits.items()}
+  assert spans["train"] + spans["validation"] + spans["test"] == words  # in order, no overlap
+  # Cut by characters (words differ in length), moved to the next whitespace.
+  assert [len(spans[k]) for k in FRACTIONS] == pytest.approx([800, 100, 100], abs=5)
+
+
+def test_encodings(tmp_path):
+  text = "The price was \u00a35 for Ren\u00e9e's caf\u00e9 bill, paid at noon on Tuesday.\n" * 8
+  (tmp_path / "old.txt").write_bytes(text.encode("latin-1"))
+  _raises(r"old\.txt: not valid utf-8 at byte offset 14 \(set --config\.data\.encoding=auto",
+          read_files, str(tmp_path))
+  assert read_files(str(tmp_path), "latin-1")[0].text == text
+  auto = read_files(str(tmp_path), "auto")[0]
+  assert auto.text == text and auto.encoding in ("latin_1", "iso8859_15", "cp1252", "cp1250")
+  _raises(r"data\.encoding='klingon': unknown encoding", read_files, str(tmp_path), "klingon")
+
+
+# --- a prepared TFDS dataset by name ---------------------------------------------------------
+
+def _prepare_tiny_news(data_dir):
+  """A TFDS dataset built here (array_record, no download): 50 train and 10 test articles."""
+  import numpy as np
+  import tensorflow_datasets as tfds
+
+  class TinyNews(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"body": tfds.features.Text(), "id": tfds.features.Scalar(dtype=np.int32)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(0, 50), "test": self._generate_examples(50, 60)}
+
+    def _generate_examples(self, start, stop):
+      for i in range(start, stop):
+        yield i, {"body": f"Article {i}. " + "The market opened on Monday. " * 20, "id": i}
+
+  TinyNews(data_dir=str(data_dir), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+
+
+@pytest.mark.slow
+def test_dihal_data_reads_a_prepared_tfds_dataset_by_name(tmp_path):
+  import json
+  import subprocess
+  import sys
+  from conftest import REPO
+  _prepare_tiny_news(tmp_path / "tfds")
+  base = [sys.executable, "-m", "dihal_jax.cli", "data", "--config=configs/tiny_llama.py",
+          "--config.data.dir=tfds:tiny_news", f"--config.data.tfds_dir={tmp_path / 'tfds'}",
+          "--config.data.ood_dir=", f"--config.data.cache_dir={tmp_path / 'cache'}",
+          "--config.data.tfds_splits.train=train[10%:]",
+          "--config.data.tfds_splits.validation=train[:10%]"]
+  # A new process: the builder class is unknown there, TFDS reads the prepared files.
+  proc = subprocess.run(base + ["--config.data.text_field=body", f"--workdir={tmp_path / 'w'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "w" / "report.json").read_text())
+  assert {k: v["documents"] for k, v in report["splits"].items()} == {
+      "train": 45, "validation": 5, "test": 10}
+  assert report["corpora"]["in_domain"]["split_rule"].startswith("tfds splits")
+  proc = subprocess.run(base + [f"--workdir={tmp_path / 'w2'}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)  # data.text_field is still "text"
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines()[-1].startswith(
+      "dihal: error: data.text_field='text': tiny_news has features")

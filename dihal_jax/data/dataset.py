@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from dihal_jax.backbone import checkpoint
-from dihal_jax.data import corpus, pipeline, tfds_builder
+from dihal_jax.data import corpus, pipeline, tfds_builder, tfds_source
 from dihal_jax.errors import UserInputError
 
 OOD = "ood"  # name of the out-of-domain set (its single split is "test")
@@ -41,6 +41,7 @@ class Data:
   window: int
   seed: int
   read_threads: int
+  corpora: dict[str, dict]  # "in_domain" (and "ood"): source, split rule, rule per file
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> "Data":
@@ -53,15 +54,13 @@ class Data:
     if window > cfg.max_position_embeddings:
       raise UserInputError(f"data.window={window}: longer than the model's max positions "
                            f"({cfg.max_position_embeddings})")
-    data_dir = cache_root(config) / "tfds"
-    splits = corpus.corpus_splits(config.data.dir, config.data.splits.to_dict(), config.seed)
-    built = tfds_builder.build_text_dataset(splits, data_dir)
-    sources = {split: built[split] for split in splits}  # the config's split order
+    sources, corpora = {}, {}
+    splits = list(config.data.splits.to_dict())  # the config's split order
+    sources.update(_split_sources(config, config.data.dir, splits, corpora, "in_domain"))
     if config.data.ood_dir:
-      ood = corpus.corpus_splits(config.data.ood_dir, None, config.seed)
-      sources[OOD] = tfds_builder.build_text_dataset(ood, data_dir)["test"]
+      sources[OOD] = _split_sources(config, config.data.ood_dir, None, corpora, OOD)["test"]
     data = cls(sources, tokenizer, checkpoint.separator_id(tokenizer, config), window,
-               config.seed, config.data.read_threads)
+               config.seed, config.data.read_threads, corpora)
     data._check_lengths(config)
     return data
 
@@ -102,12 +101,28 @@ class Data:
             for split, source in self.sources.items()}
 
 
+def _split_sources(config, source: str, splits: list[str] | None, corpora: dict,
+                   name: str) -> dict[str, Any]:
+  """{split: random-access records} of a folder / builtin corpus (built into the tfds cache)
+  or of a prepared TFDS dataset (`tfds:NAME[:CONFIG]`); its description into corpora[name]."""
+  if source.startswith(tfds_source.PREFIX):
+    records, corpora[name] = tfds_source.tfds_sources(source, splits or ["test"], config.data)
+    return records
+  fractions = config.data.splits.to_dict() if splits is not None else None
+  loaded = corpus.load_corpus(source, fractions, config.seed, encoding=config.data.encoding,
+                              text_field=config.data.text_field)
+  corpora[name] = {"source": source, "split_rule": loaded.split_rule, "files": loaded.files}
+  built = tfds_builder.build_text_dataset(loaded.splits, cache_root(config) / "tfds")
+  return {split: built[split] for split in loaded.splits}
+
+
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """`dihal data`: build what is missing, count documents / tokens / windows per split."""
   data = Data.from_config(config, workdir)
   report = data.statistics
   return {"splits": {k: v for k, v in report.items() if k != OOD},
-          "ood": report.get(OOD), "window": data.window, "separator": data.separator}
+          "ood": report.get(OOD), "window": data.window, "separator": data.separator,
+          "corpora": data.corpora}
 
 
 def summary(report: dict) -> str:
@@ -117,4 +132,12 @@ def summary(report: dict) -> str:
   if report["ood"]:
     rows.append(["ood (test)", report["ood"]["documents"], report["ood"]["tokens"],
                  report["ood"]["windows"]])
-  return markdown_table(["split", "documents", "tokens", f"windows of {report['window']}"], rows)
+  table = markdown_table(["split", "documents", "tokens", f"windows of {report['window']}"], rows)
+  files = [[name, f["file"], f["encoding"], f["document_rule"], f["documents"]]
+           for name, c in report["corpora"].items() for f in c["files"]]
+  rules = "; ".join(f"{name}: {c['split_rule']}" for name, c in report["corpora"].items())
+  parts = [table]
+  if files:
+    parts.append(markdown_table(["corpus", "file", "encoding", "document rule", "documents"],
+                                files))
+  return "\n\n".join(parts + [f"split rule: {rules}"])

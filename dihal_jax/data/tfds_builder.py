@@ -1,4 +1,4 @@
-"""Chapter splits -> a TFDS dataset in array_record files (random access, no TensorFlow).
+"""Document splits -> a TFDS dataset in array_record files (random access, no TensorFlow).
 
 `TextChapters` is a `GeneratorBasedBuilder` whose config carries the chapters
 themselves; the config's name is a hash of every split name, doc_id and text,
@@ -13,7 +13,7 @@ the other reads its result. The returned sources come from a read-only builder
 over the finished folder, so they pickle small (grain workers).
 
 Usage:
-  sources = build_text_dataset(corpus_splits("builtin:austen", fractions, 0), default_data_dir())
+  sources = build_text_dataset(load_corpus("builtin:austen", fractions, 0).splits, default_data_dir())
   sources["train"][0]  # {"doc_id": b"austen_emma/000", "text": b"CHAPTER I ..."}
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import tensorflow_datasets as tfds
 
-from dihal_jax.data.corpus import Chapter
+from dihal_jax.data.corpus import Document
 from dihal_jax.errors import UserInputError
 
 
@@ -37,7 +37,7 @@ from dihal_jax.errors import UserInputError
 class ChaptersConfig(tfds.core.BuilderConfig):
   """A config whose payload is split -> chapters (see `make_config`)."""
 
-  splits: dict[str, list[Chapter]] = dataclasses.field(default_factory=dict, repr=False)
+  splits: dict[str, list[Document]] = dataclasses.field(default_factory=dict, repr=False)
 
 
 def _field(h: Any, s: str) -> None:
@@ -45,7 +45,7 @@ def _field(h: Any, s: str) -> None:
   h.update(len(data).to_bytes(8, "little") + data)
 
 
-def make_config(splits: dict[str, list[Chapter]]) -> ChaptersConfig:
+def make_config(splits: dict[str, list[Document]]) -> ChaptersConfig:
   """The config for `splits`; its name "h<16 hex>" is a sha256 of all their content."""
   h = hashlib.sha256()
   for name, chapters in splits.items():
@@ -89,7 +89,7 @@ class TextChapters(tfds.core.GeneratorBasedBuilder):
     return {name: self._generate_examples(chapters)
             for name, chapters in self.builder_config.splits.items()}
 
-  def _generate_examples(self, chapters: list[Chapter]):
+  def _generate_examples(self, chapters: list[Document]):
     for ch in chapters:
       yield ch.doc_id, {"doc_id": ch.doc_id, "text": ch.text}
 
@@ -128,7 +128,7 @@ def _prepared(config: ChaptersConfig, data_dir: str) -> TextChapters:
   return builder
 
 
-def build_text_dataset(splits: dict[str, list[Chapter]],
+def build_text_dataset(splits: dict[str, list[Document]],
                        data_dir: str | os.PathLike) -> dict[str, Any]:
   """Builds (if missing) and returns {split: random-access data source}.
 

@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dihal_jax import reports
+from dihal_jax import reports, settings
 from dihal_jax.backbone import checkpoint
 from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.train import interface_layer, run_train
@@ -135,20 +135,6 @@ def _bridge_diagnostics(bridge: TrainedBridge, real_tokens: np.ndarray, real_h: 
   return out
 
 
-def check_settings(config: ml_collections.ConfigDict) -> None:
-  """The eval settings that can be checked before any work."""
-  e, window = config.eval, config.data.window
-  if e.num < 2:
-    raise UserInputError(f"eval.num={e.num}: expected >= 2 samples per row")
-  if e.seeds < 1:
-    raise UserInputError(f"eval.seeds={e.seeds}: expected >= 1")
-  if not 2 <= e.ngram_order <= window:
-    raise UserInputError(f"eval.ngram_order={e.ngram_order}: expected 2..data.window={window}")
-  if e.prefix and not 2 <= e.prefix <= window - 1:
-    raise UserInputError(f"eval.prefix={e.prefix}: expected 0 (no continuation task) or "
-                         f"2..{window - 1} (separator included, at least one token generated)")
-
-
 def evaluation_sets(data: Data, num: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{set: (real windows [num, n], MAUVE reference windows [num, n])}, disjoint draws of the
   set's seeded shuffled windows."""
@@ -176,7 +162,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise UserInputError(f"eval.methods: unknown {unknown}; known: {', '.join(METHODS)}")
-  check_settings(config)
+  settings.check(config, "eval")
   n = config.sample.length or config.data.window
   if n != config.data.window:
     raise UserInputError(f"sample.length={n}: eval compares with real windows of "

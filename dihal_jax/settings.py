@@ -1,0 +1,72 @@
+"""Settings that cannot work together, caught before any work starts.
+
+Each check names the flag to change (`--config.a.b`) in one `UserInputError` line.
+`check(config, command)` runs on the effective config of a command (for `dihal demo`,
+after its preset): the CLI calls it before dispatching, so nothing is built, trained or
+written when it fails.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dihal_jax.errors import UserInputError
+
+TRAINS = ("train", "sweep", "eval", "demo")  # commands that may train a bridge
+EVALUATES = ("eval", "demo")
+
+
+def _need(ok: bool, message: str) -> None:
+  if not ok:
+    raise UserInputError(message)
+
+
+def check(config: ml_collections.ConfigDict, command: str) -> None:
+  d = config.data
+  _need(d.window >= 2, f"--config.data.window={d.window}: expected >= 2 (the separator and at "
+        "least one token)")
+  _need(d.batch_size >= 1, f"--config.data.batch_size={d.batch_size}: expected >= 1")
+  layers = config.model.hf_config.get("num_hidden_layers")
+  positions = config.model.hf_config.get("max_position_embeddings")
+  if positions:
+    _need(d.window <= positions, f"--config.data.window={d.window}: longer than the model's "
+          f"{positions} positions")
+  spec = str(config.bridge.layer)
+  if spec != "auto":
+    _need(spec.lstrip("-").isdigit(), f"--config.bridge.layer={spec!r}: expected 'auto' or a "
+          "layer number")
+    if layers:
+      _need(0 <= int(spec) < layers, f"--config.bridge.layer={spec}: outside 0..{layers - 1} "
+            f"(the model has {layers} layers)")
+  if command in TRAINS:
+    _check_train(config.train)
+  if command in EVALUATES:
+    _check_eval(config.eval, d.window)
+
+
+def _check_train(t) -> None:
+  _need(t.steps >= 1, f"--config.train.steps={t.steps}: expected >= 1")
+  _need(t.batch_size >= 1, f"--config.train.batch_size={t.batch_size}: expected >= 1")
+  _need(t.lr > 0, f"--config.train.lr={t.lr}: expected > 0")
+  _need(0 <= t.warmup_steps < t.steps,
+        f"--config.train.warmup_steps={t.warmup_steps}: expected 0 <= warm-up < "
+        f"train.steps={t.steps} (the schedule must warm up, then decay)")
+  # checkpoint_every > steps is fine: the last step is always saved.
+  _need(t.checkpoint_every >= 1,
+        f"--config.train.checkpoint_every={t.checkpoint_every}: expected >= 1")
+  _need(t.val_every >= 1, f"--config.train.val_every={t.val_every}: expected >= 1")
+  _need(t.log_every >= 1, f"--config.train.log_every={t.log_every}: expected >= 1")
+  _need(t.cache_windows >= t.batch_size,
+        f"--config.train.cache_windows={t.cache_windows}: fewer than one batch of "
+        f"train.batch_size={t.batch_size}")
+  _need(t.val_windows >= 1, f"--config.train.val_windows={t.val_windows}: expected >= 1")
+
+
+def _check_eval(e, window: int) -> None:
+  _need(e.num >= 2, f"--config.eval.num={e.num}: expected >= 2 samples per row")
+  _need(e.seeds >= 1, f"--config.eval.seeds={e.seeds}: expected >= 1")
+  _need(2 <= e.ngram_order <= window,
+        f"--config.eval.ngram_order={e.ngram_order}: expected 2..data.window={window}")
+  _need(not e.prefix or 2 <= e.prefix <= window - 1,
+        f"--config.eval.prefix={e.prefix}: expected 0 (no continuation task) or 2..{window - 1} "
+        "(separator included, at least one token generated)")
