@@ -300,3 +300,37 @@ def test_eval_with_a_corrupt_encoder_package_exits_2(tmp_path):
   assert last.startswith("dihal: error:") and "cannot read" in last, last
   assert not (tmp_path / "run" / "report.json").exists()
   assert not list((tmp_path / "cache" / "encoders").glob("*broken*"))
+
+
+@pytest.mark.slow
+def test_judges_score_rows_seeds_and_continuations(tiny_checkpoints, tmp_path):
+  from dihal_jax.backbone.convert import load_model
+  from dihal_jax.eval.encoder import PACKAGE
+  from dihal_jax.eval.judges import Judges
+  from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
+  model = load_model(tiny_checkpoints["tiny_llama"], mesh=make_mesh({"data": 1}),
+                     rules=DEFAULT_RULES)
+  rng = np.random.default_rng(0)
+  train = rng.integers(3, 60, (40, 16)).astype(np.int32)
+  train[:, 0] = 1
+
+  class Ids:  # a tokenizer stand-in: MAUVE needs text, any injective decoding will do
+    @staticmethod
+    def decode(ids):
+      return " ".join(f"t{i}" for i in ids)
+
+  judges = Judges.build(model, Ids(), train, order=3, encoder=PACKAGE, cache=tmp_path, batch=4,
+                        seed=0)
+  rows = train[:12]
+  reference = judges.features(train[20:32])
+  out = judges.score(rows, reference=reference, seeds=3)
+  assert out["num_samples"] == 12 and out["mauve_reference"] == 12
+  assert len(out["seed_gen_ppl"]) == len(out["seed_ngram_ppl"]) == 3
+  # Pooled = token-weighted combination of the three seeds' chunks (4 rows of 15 tokens each).
+  assert math.log(out["ngram_ppl"]) == pytest.approx(np.mean(np.log(out["seed_ngram_ppl"])))
+  assert math.log(out["gen_ppl"]) == pytest.approx(np.mean(np.log(out["seed_gen_ppl"])))
+  assert out["ngram_ppl"] == pytest.approx(judges.ngram.perplexity(rows))
+  tail = judges.score(rows, start=8)
+  assert tail["ngram_ppl"] == pytest.approx(judges.ngram.perplexity(rows, score_from=8))
+  assert tail["entropy"] == pytest.approx(metrics.unigram_entropy(rows[:, 8:]))
+  assert "mauve" not in tail and "seed_gen_ppl" not in tail

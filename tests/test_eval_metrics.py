@@ -117,8 +117,14 @@ def test_gen_ppl_matches_transformers(tiny_checkpoints):
     assert out["tokens"] == 127
     np.testing.assert_allclose(out["nll_sum"], ref_nll, rtol=1e-5)
     np.testing.assert_allclose(out["gen_ppl"], math.exp(ref_nll / 127), rtol=1e-5)
+    np.testing.assert_allclose(out["row_nll"], np.where(scored, nll, 0).sum(1), rtol=1e-5,
+                               atol=1e-9)
+    assert list(out["row_tokens"]) == list(scored.sum(1))
   full = metrics.gen_ppl(model, jnp.asarray(tokens[:1]))  # mask=None: every token real
   np.testing.assert_allclose(full["nll_sum"], nll[0].sum(), rtol=1e-5)
+  tail = metrics.gen_ppl(model, tokens[:1], score_from=20)  # a continuation after 20 tokens
+  assert tail["tokens"] == 20
+  np.testing.assert_allclose(tail["nll_sum"], nll[0, 19:].sum(), rtol=1e-5)
   with pytest.raises(ValueError):
     metrics.gen_ppl(model, tokens[3:4], mask[3:4])
 
