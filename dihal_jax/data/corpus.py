@@ -8,7 +8,7 @@ reported per file by `dihal data`):
   jsonl      a .jsonl file: one document per record's `data.text_field` string.
   file       the folder holds many files (>= MANY_FILES) and this one has no chapter
              headings: the whole file is one document (a folder of articles).
-  chapters   chapter heading lines ("CHAPTER I", "Document 12", "CHAPTER 1. Loomings."),
+  chapters   chapter heading lines ("CHAPTER I", "Chapter 12", "CHAPTER 1. Loomings."),
              numbered by position (headings restart, as in Emma's three volumes);
              text before the first heading and from a volume heading to the next
              chapter is dropped.
@@ -53,12 +53,13 @@ SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 MANY_FILES = 20  # a folder with at least this many files: a file without chapters = a document
 LONG_LINE = 200  # characters: lines at least this long (median) are documents of their own
 
-# A chapter heading alone on its line: "CHAPTER IV", "Document 7", "CHAPTER 1. Loomings.".
+# A chapter heading alone on its line: "CHAPTER IV", "Chapter 7", "CHAPTER 1. Loomings.".
 _CHAPTER = r"(?:CHAPTER|Chapter)[ \t]+(?:[IVXLCDM]+|\d+)(?:\..*)?"
 # A volume heading ends the chapter before it; the text up to the next chapter is dropped.
 _VOLUME = r"(?:VOLUME|Volume)[ \t]+(?:[IVXLCDM]+|\d+)\.?"
 _HEADING = re.compile(rf"^[ \t]*(?:(?P<chapter>{_CHAPTER})|{_VOLUME})[ \t\r]*$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
+_SPACE = re.compile(r"\s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +289,7 @@ def contiguous_spans(docs: list[Document], fractions: dict[str, float],
   for f in list(fractions.values())[:-1]:
     total += f
     at = max(int(round(total * len(text))), cuts[-1])
-    space = re.compile(r"\s").search(text, at)
+    space = _SPACE.search(text, at)
     cuts.append(space.start() if space else len(text))
   cuts.append(len(text))
   return {split: [Document(f"{name}/{i:03d}", text[a:b].strip())]

@@ -54,11 +54,11 @@ class Data:
     if window > cfg.max_position_embeddings:
       raise UserInputError(f"data.window={window}: longer than the model's max positions "
                            f"({cfg.max_position_embeddings})")
-    sources, corpora = {}, {}
-    splits = list(config.data.splits.to_dict())  # the config's split order
-    sources.update(_split_sources(config, config.data.dir, splits, corpora, "in_domain"))
+    sources, about = _split_sources(config, config.data.dir, config.data.splits.to_dict())
+    corpora = {"in_domain": about}
     if config.data.ood_dir:
-      sources[OOD] = _split_sources(config, config.data.ood_dir, None, corpora, OOD)["test"]
+      ood, corpora[OOD] = _split_sources(config, config.data.ood_dir, None)
+      sources[OOD] = ood["test"]
     data = cls(sources, tokenizer, checkpoint.separator_id(tokenizer, config), window,
                config.seed, config.data.read_threads, corpora)
     data._check_lengths(config)
@@ -101,19 +101,18 @@ class Data:
             for split, source in self.sources.items()}
 
 
-def _split_sources(config, source: str, splits: list[str] | None, corpora: dict,
-                   name: str) -> dict[str, Any]:
-  """{split: random-access records} of a folder / builtin corpus (built into the tfds cache)
-  or of a prepared TFDS dataset (`tfds:NAME[:CONFIG]`); its description into corpora[name]."""
+def _split_sources(config, source: str,
+                   fractions: dict[str, float] | None) -> tuple[dict[str, Any], dict]:
+  """({split: random-access records}, a description for `dihal data`) of a folder / builtin
+  corpus (built into the tfds cache) or of a prepared TFDS dataset (`tfds:NAME[:CONFIG]`);
+  `fractions` None = one "test" split (the OOD set)."""
   if source.startswith(tfds_source.PREFIX):
-    records, corpora[name] = tfds_source.tfds_sources(source, splits or ["test"], config.data)
-    return records
-  fractions = config.data.splits.to_dict() if splits is not None else None
+    return tfds_source.tfds_sources(source, list(fractions or {"test": 1.0}), config.data)
   loaded = corpus.load_corpus(source, fractions, config.seed, encoding=config.data.encoding,
                               text_field=config.data.text_field)
-  corpora[name] = {"source": source, "split_rule": loaded.split_rule, "files": loaded.files}
   built = tfds_builder.build_text_dataset(loaded.splits, cache_root(config) / "tfds")
-  return {split: built[split] for split in loaded.splits}
+  about = {"source": source, "split_rule": loaded.split_rule, "files": loaded.files}
+  return {split: built[split] for split in loaded.splits}, about
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:

@@ -219,24 +219,26 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
       samples[task][method] = np.concatenate(parts)
   bar.close()
 
+  # A generated row is the same samples in every set: all but MAUVE is judged once.
+  judged = {m: judges.score(samples["unconditional"][m], seeds=seeds) for m in generated}
   results, diagnostics, oracle_text = {}, {}, {}
   for set_name, (real, reference) in sets.items():
     reference_features = judges.features(reference)
     real_h = {name: np.asarray(r.lower(real)) for name, r in gens.readers.items()}
     rows = {}
     for method in tqdm(methods, desc=f"eval: judges ({set_name})", disable=not progress):
-      if method == "real_text":
-        tokens, draws = real, 1
-      elif method.startswith("oracle"):
-        mode = oracle_mode if method == "oracle" else "lm_head"
-        tokens, draws = oracle_tokens(gens.readers["main"], real_h["main"],
-                                      jax.random.fold_in(key, 7), cfg, mode, gens.head,
-                                      batch), 1
-        if set_name == "test":
-          oracle_text[method] = tokens
+      if method in judged:
+        row = {**judged[method],
+               **judges.mauve(samples["unconditional"][method], reference_features)}
       else:
-        tokens, draws = samples["unconditional"][method], seeds
-      row = judges.score(tokens, reference=reference_features, seeds=draws)
+        tokens = real
+        if method.startswith("oracle"):
+          mode = oracle_mode if method == "oracle" else "lm_head"
+          tokens = oracle_tokens(gens.readers["main"], real_h["main"],
+                                 jax.random.fold_in(key, 7), cfg, mode, gens.head, batch)
+          if set_name == "test":
+            oracle_text[method] = tokens
+        row = judges.score(tokens, reference=reference_features)
       if method == "oracle" and oracle_mode == "blockwise":
         row["ar_share"] = 1.0 / cfg.block
       if method in states:
@@ -266,7 +268,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        else (samples["continuation"][method], seeds))
       row = judges.score(tokens, start=prefix, reference=truth, seeds=draws)
       row["first_token_repeat"] = float(np.mean(tokens[:, prefix] == tokens[:, prefix - 1]))
-      if gens.mode(method) == "blockwise" and method.startswith("dihal"):
+      if gens.mode(method) == "blockwise":
         row["ar_share"] = 1.0 / cfg.block
       continuation[method] = row
 

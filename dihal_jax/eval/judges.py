@@ -78,8 +78,7 @@ class Judges:
         "num_samples": int(len(tokens)),
     }
     if reference is not None:
-      row["mauve"] = mauve(self.features(tokens, start), reference, seed=self.seed)
-      row["mauve_reference"] = int(len(reference))
+      row.update(self.mauve(tokens, reference, start))
     if seeds > 1:
       chunks = np.array_split(np.arange(len(tokens)), seeds)
       row["seed_gen_ppl"] = [float(np.exp(backbone["row_nll"][c].sum()
@@ -87,3 +86,9 @@ class Judges:
       row["seed_ngram_ppl"] = [float(np.exp(ng_nll[c].sum() / ng_count[c].sum()))
                                for c in chunks]
     return row
+
+  def mauve(self, tokens: np.ndarray, reference: np.ndarray, start: int = 1) -> dict:
+    """{"mauve", "mauve_reference"}: the scored part of tokens [N, T] against `reference`
+    features (a row's one set-dependent judge)."""
+    return {"mauve": mauve(self.features(tokens, start), reference, seed=self.seed),
+            "mauve_reference": int(len(reference))}

@@ -45,10 +45,12 @@ class RowGenerators:
   head: ClassMeanHead | None = None  # the identity readout's current-token head
   readers: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> Readout
 
-  def mode(self, method: str) -> str:
-    """The readout mode of a bridge row."""
+  def mode(self, method: str) -> str | None:
+    """The readout mode of a bridge row (None for the rows without a bridge)."""
     if method == "embedding_rounding":
       return "nearest_embedding"
+    if not method.startswith("dihal"):
+      return None
     return self.default_mode if method in ("dihal", "dihal_l0") else method[len("dihal_"):]
 
   def __call__(self, method: str, key: jax.Array, given: np.ndarray,
