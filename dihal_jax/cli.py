@@ -33,7 +33,7 @@ from dihal_jax.errors import UserInputError
 from dihal_jax.parallel import distributed
 
 COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "sample", "eval", "sweep",
-            "demo", "plan")
+            "ablate", "demo", "plan")
 # `plan --compile` compiles for 8 devices on the host's CPU: the flag must precede JAX's start.
 COMPILE_XLA_FLAG = "--xla_force_host_platform_device_count=8"
 
@@ -52,7 +52,7 @@ flags.DEFINE_integer("length", None, "sample: positions per sample (config sampl
                      flag_values=FLAGS)
 flags.DEFINE_integer("steps", None, "sample: bridge sampler steps (config sample.steps).",
                      flag_values=FLAGS)
-flags.DEFINE_string("readout", None, "sample: blockwise | lm_head | refine | identity "
+flags.DEFINE_string("readout", None, "sample: blockwise | lm_head | refine | identity | joint "
                     "(config sample.readout).", flag_values=FLAGS)
 flags.DEFINE_string("layers", "", "sweep: layers to train, e.g. 0,1,2 or 1-4.",
                     flag_values=FLAGS)
@@ -246,6 +246,15 @@ def _run(command: str, config, workdir: Path) -> int:
     from dihal_jax.eval import evaluate
     report = evaluate.run_eval(config, workdir)
     print(evaluate.summary(report))
+    ok = True
+  elif command == "ablate":
+    from dihal_jax.eval import ablation
+    try:
+      report = ablation.run_ablation(config, workdir)
+    except train.TrainingStopped as e:  # finished rows stay
+      print(f"dihal: training stopped: {e}", file=sys.stderr)
+      return 1
+    print(ablation.summary(report))
     ok = True
   elif command == "sweep":
     from dihal_jax.eval import sweep

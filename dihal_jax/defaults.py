@@ -77,12 +77,20 @@ def base() -> ml_collections.ConfigDict:
   c.bridge = ml_collections.ConfigDict()
   c.bridge.layer = "auto"  # interface layer l: "auto" = l* of the locate report (runs locate)
   c.bridge.normalization = "per_channel"  # or "global", "pca_whiten" (bridge/normalization.py)
-  c.bridge.pca_init = False  # input projection d -> C initialized with the top-C PCA directions
+  c.bridge.pca_init = False  # UNet input projection d -> C initialized with the top-C PCA directions
+  # The denoiser (bridge/denoiser.py): "unet" (from scratch) or "transformer" (blocks of the
+  # backbone's architecture, bidirectional); bridge.init = "backbone" copies the blocks
+  # ℓ+1..ℓ+m of the backbone (transformer.first_block: another start, 1-based), "scratch" not.
+  c.bridge.denoiser = "unet"
+  c.bridge.init = "scratch"
+  c.bridge.transformer = ml_collections.ConfigDict(dict(  # bridge/transformer.py
+      blocks=4, first_block=0, time_dim=128, self_condition=True))
   c.bridge.unet = ml_collections.ConfigDict(dict(  # bridge/unet.py::UNetConfig
       channels=128, channel_mults=(1, 2, 2), blocks_per_level=2, attention_levels=(1, 2),
       heads=4, groups=8, dropout=0.0, self_condition=False))
   c.bridge.diffusion = ml_collections.ConfigDict(dict(  # bridge/diffusion.py::DiffusionConfig
-      schedule="cosine", prediction="v", steps=50, sampler="ddim", eta=0.0))
+      schedule="cosine", prediction="auto", steps=50, sampler="ddim", eta=0.0))
+  # prediction "auto": x0 for the transformer, v for the UNet (eps / x0 / v to choose)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps (a run may be extended: resumable change)
@@ -92,7 +100,10 @@ def base() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.01
   c.train.clip_norm = 1.0
   c.train.ema_decay = 0.999  # reached after warm-up: decay_k = min(0.999, (1 + k)/(10 + k))
-  c.train.self_condition_prob = 0.5  # with bridge.unet.self_condition: share of 2-pass examples
+  c.train.self_condition_prob = 0.5  # self-conditioned denoisers: share of 2-pass examples
+  # Weight of the auxiliary token loss: cross-entropy of the true tokens under the
+  # current-token head applied to the x0 estimate (bridge/train_step.py); 0 = off.
+  c.train.token_ce = 0.0
   c.train.checkpoint_every = 200
   c.train.max_to_keep = 3
   c.train.log_every = 10
@@ -104,10 +115,11 @@ def base() -> ml_collections.ConfigDict:
   c.sample.num = 64  # samples
   c.sample.length = 0  # positions per sample; 0 = data.window
   c.sample.steps = 50  # bridge sampler steps
-  c.sample.readout = "blockwise"  # blockwise | lm_head | refine | identity
+  c.sample.readout = "blockwise"  # blockwise | lm_head | refine | identity | joint
   c.sample.block = 8  # blockwise: positions per block
   c.sample.temperature = 1.0  # lm_head draws (0 = argmax)
   c.sample.top_p = 0.9
+  c.sample.beta = 1.0  # joint: weight of log p_id (the current-token head) beside the LM logits
   c.sample.rounds = 4  # refine: at most R rounds
   c.sample.renoise_t = 0.3  # refine: re-noise level
   c.sample.gap = 8  # infill: positions per [___]

@@ -12,8 +12,8 @@ import ml_collections
 
 from dihal_jax.errors import UserInputError
 
-TRAINS = ("train", "sweep", "eval", "demo")  # commands that may train a bridge
-EVALUATES = ("eval", "demo")
+TRAINS = ("train", "sweep", "eval", "ablate", "demo")  # commands that may train a bridge
+EVALUATES = ("eval", "ablate", "demo")
 
 
 def _need(ok: bool, message: str) -> None:
@@ -38,10 +38,20 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
     if layers:
       _need(0 <= int(spec) < layers, f"--config.bridge.layer={spec}: outside 0..{layers - 1} "
             f"(the model has {layers} layers)")
+  _check_bridge(config.bridge, layers, spec)
+  _need(config.sample.beta >= 0, f"--config.sample.beta={config.sample.beta}: expected >= 0 (the "
+        "joint readout's weight of the current-token head)")
   if command in TRAINS:
     _check_train(config.train)
   if command in EVALUATES:
     _check_eval(config.eval, d.window)
+
+
+def _check_bridge(b, layers, spec: str) -> None:
+  from dihal_jax.bridge import denoiser  # the model code only when a config is checked
+  # The layer is known here only when given; `dihal train` checks again once "auto" resolves.
+  known_layer = layers and spec.lstrip("-").isdigit()
+  denoiser.validate(b, layers if known_layer else 10 ** 9, int(spec) if known_layer else 0)
 
 
 def _check_train(t) -> None:

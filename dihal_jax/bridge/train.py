@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 from dihal_jax import reports
 from dihal_jax.backbone import checkpoint as backbone_checkpoint
-from dihal_jax.bridge import diffusion
+from dihal_jax.bridge import denoiser, diffusion
 from dihal_jax.bridge.checkpoint import BridgeCheckpointer
 from dihal_jax.bridge.normalization import Normalizer, covariance, pca_components
 from dihal_jax.bridge.train_step import (OptimConfig, init_train_state, learning_rate,
                                          make_optimizer, make_train_step, sample_known_mask)
-from dihal_jax.bridge.unet import UNet, UNetConfig
+from dihal_jax.bridge.token_head import ClassMeanHead
 from dihal_jax.data import hidden
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
@@ -99,26 +99,42 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     caches[split] = hidden.cache_hidden_states(
         backbone, windows, [layer], mesh=mesh, rules=rules, batch_size=t.batch_size,
         cache_root=cache_root(config) / "hidden", key_fields=dict(key_fields, split=split))
-  del backbone
+  denoiser.validate(config.bridge, backbone.cfg.num_layers, layer)
   stats = json.loads((caches["train"] / "stats.json").read_text())[str(layer)]
+  train_states = np.load(caches["train"] / f"layer_{layer}.npy", mmap_mode="r")
   cov = None
   if config.bridge.normalization == "pca_whiten" or config.bridge.pca_init:
-    cov = covariance(np.load(caches["train"] / f"layer_{layer}.npy", mmap_mode="r"))
+    cov = covariance(train_states)
   norm = Normalizer.from_stats(stats, config.bridge.normalization, cov=cov)
+  dim = len(stats["mean"])
+  model = denoiser.build(config.bridge, dim, norm, seed=config.seed, backbone=backbone,
+                         layer=layer)
+  vocab_size = backbone.cfg.vocab_size
+  del backbone
+  if config.bridge.pca_init:
+    if config.bridge.denoiser != "unet":
+      raise UserInputError("bridge.pca_init: only the UNet has a PCA-initialized input "
+                           "projection (set bridge.denoiser=unet or pca_init=False)")
+    model.init_input_projection(pca_components(norm.normalized_covariance(cov),
+                                               model.cfg.channels))
+  token_head = None
+  if t.token_ce:
+    head = ClassMeanHead.fit(np.load(caches["train"] / "tokens.npy"), train_states, norm,
+                             vocab_size=vocab_size, seed=config.seed)
+    class_of = np.zeros(vocab_size, np.int32)
+    class_of[head.ids] = np.arange(len(head.ids))
+    token_head = {"means": head.means, "class_of": class_of,
+                  "tau": np.float32(head.temperature)}
   setup_s = time.perf_counter() - t0
 
-  dim = len(stats["mean"])
-  unet_cfg = UNetConfig(**config.bridge.unet.to_dict())
-  unet = UNet(dim, unet_cfg, rngs=nnx.Rngs(config.seed))
-  if config.bridge.pca_init:
-    unet.init_input_projection(pca_components(norm.normalized_covariance(cov), unet_cfg.channels))
   optim_cfg = OptimConfig(lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
                           weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                           ema_decay=t.ema_decay)
-  diffusion_cfg = diffusion.DiffusionConfig(**config.bridge.diffusion.to_dict())
-  state = init_train_state(unet, make_optimizer(optim_cfg))
+  diffusion_cfg = denoiser.diffusion_config(config.bridge.to_dict())
+  state = init_train_state(model, make_optimizer(optim_cfg))
   step_fn = make_train_step(diffusion_cfg, optim_cfg, mesh, rules,
-                            self_condition_prob=t.self_condition_prob)
+                            self_condition_prob=t.self_condition_prob, token_ce=t.token_ce,
+                            token_head=token_head)
   batches = iter(hidden.cached_batches(caches["train"], layer, batch_size=t.batch_size,
                                        seed=config.seed, shard_index=jax.process_index(),
                                        shard_count=jax.process_count()))
@@ -145,7 +161,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     reports.write_text(metrics_path, "".join(line + "\n" for line in kept))
   stop = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-  extra = {"layer": layer, "normalizer": norm.to_dict(), "train_cache": str(caches["train"])}
+  extra = {"layer": layer, "normalizer": norm.to_dict(), "train_cache": str(caches["train"]),
+           "denoiser": denoiser.describe(model), "params": denoiser.num_params(model)}
   step = start
   try:
     with open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as log:
@@ -153,8 +170,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                  disable=not progress)
       for step in bar:
         tick = time.perf_counter()
-        x0 = norm.forward(next(batches)["h"])
-        state, metrics = step_fn(state, x0, key)
+        batch = next(batches)
+        x0 = norm.forward(batch["h"])
+        state, metrics = step_fn(state, x0, key, tokens=batch["tokens"])
         loss = float(metrics["loss"])
         if not np.isfinite(loss):
           raise TrainingStopped(f"non-finite loss {loss} at step {step + 1}; the last good "
@@ -163,6 +181,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         done = step + 1
         seconds = time.perf_counter() - tick
         row = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+               **({"mse": float(metrics["mse"]), "token_ce": float(metrics["token_ce"])}
+                  if t.token_ce else {}),
                "lr": float(learning_rate(optim_cfg, done)), "step_time_s": seconds,
                "tokens_per_s": x0.shape[0] * x0.shape[1] / seconds}
         if done % t.val_every == 0 or done == t.steps:
@@ -207,7 +227,7 @@ def _val_loss_fn(state, diffusion_cfg, key):
     mask = sample_known_mask(k_mask, b, n)
     noise = jax.random.normal(k_noise, x0.shape)
     x_t = jnp.where(mask[..., None], x0, diffusion.q_sample(x0, t, noise, diffusion_cfg.schedule))
-    out = model(x_t, t, mask, x0 * mask[..., None])
+    out = model(x_t, t, mask, jnp.where(mask[..., None], x0, 0.0))
     return diffusion.loss(out, x0, noise, t, ~mask, diffusion_cfg)
 
   return val_loss

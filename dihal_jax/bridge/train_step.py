@@ -1,15 +1,19 @@
-"""One optimizer step of the bridge UNet, data parallel over a device mesh.
+"""One optimizer step of the bridge denoiser, data parallel over a device mesh.
 
 What: the training loop's body. Given standardized hidden states x0 [B, n, d],
 it draws per-example times t ~ U(1e-3, 1), a known-position mask (position 0
 always; random prefixes and spans, DESIGN "Bridge"), and Gaussian noise; builds
 x_t = q_sample(x0, t, noise) with the *clean* x0 imposed at known positions
-(the UNet also receives known = x0 * mask as its conditioning input); takes
+(the denoiser also receives known = x0 * mask as its conditioning input); takes
 the diffusion loss over the unknown positions; applies AdamW with global-norm
 clipping and a warmup-cosine learning rate; and updates an EMA of the params
 (decay warmed up as min(decay, (1 + k)/(10 + k))). Options: self-conditioning
-(a UNet built with self_condition gets a stop-gradient first-pass x0 estimate
-for half the examples) and class labels with label dropout (for guidance).
+(a denoiser built with self_condition gets a stop-gradient first-pass x0 estimate
+for half the examples), class labels with label dropout (for guidance), and an
+auxiliary token loss: token_ce · cross-entropy of the true tokens at the unknown
+positions under the current-token head (bridge/token_head.py) applied to the x0
+estimate, which asks the denoiser for states that decode to the right tokens, not
+only for a small MSE.
 
 Why this way:
 - Every random draw comes from `fold_in(key, state.step)`: the caller passes
@@ -112,7 +116,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 def sample_known_mask(key: jax.Array, batch: int, n: int, *, p_prefix: float = 0.5,
                       p_span: float = 0.25) -> jax.Array:
-  """bool [batch, n]: which positions are given clean to the UNet.
+  """bool [batch, n]: which positions are given clean to the denoiser.
 
   Position 0 is always known (the bridge's anchor). Per row, with probability
   p_prefix a prefix 0..L-1 with L uniform in 1..n-1; with probability p_span
@@ -146,7 +150,7 @@ class TrainState:
   """Everything a training step reads and writes (a pytree; graphdef is static).
 
   Attributes:
-    graphdef: the UNet's structure (nnx.split), static.
+    graphdef: the denoiser's structure (nnx.split), static.
     params: nnx.State of the nnx.Param variables.
     rest: every other variable (dropout RNG streams); reseeded each step, unchanged.
     opt_state: the optax state of `make_optimizer`.
@@ -162,7 +166,7 @@ class TrainState:
   step: jax.Array
 
   def model(self, ema: bool = False) -> nnx.Module:
-    """The UNet with the current (or EMA) parameters."""
+    """The denoiser with the current (or EMA) parameters."""
     return nnx.merge(self.graphdef, self.ema if ema else self.params, self.rest)
 
 
@@ -186,13 +190,31 @@ def _reseed(model: nnx.Module, key: jax.Array) -> None:
       i += 1
 
 
+def token_loss(x0_hat: jax.Array, tokens: jax.Array, unknown_mask: jax.Array,
+               head: dict) -> jax.Array:
+  """Mean -log p_id(true token | x0_hat) over the unknown positions (0 when there are none).
+
+  head: {"means": [V', d] class means (normalized space), "class_of": [V] int32 row of each
+  token id, "tau": scalar} from a ClassMeanHead.
+  """
+  means = head["means"]
+  scores = (2.0 * jnp.einsum("bnd,vd->bnv", x0_hat, means, preferred_element_type=jnp.float32)
+            - jnp.sum(jnp.square(means), axis=-1)) / head["tau"]
+  logp = jax.nn.log_softmax(scores, axis=-1)
+  nll = -jnp.take_along_axis(logp, head["class_of"][tokens][..., None], axis=-1)[..., 0]
+  weight = jnp.asarray(unknown_mask, jnp.float32)
+  return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
 def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
-               labels: jax.Array | None = None, *,
+               labels: jax.Array | None = None, tokens: jax.Array | None = None,
+               head: dict | None = None, *,
                diffusion_cfg: diffusion.DiffusionConfig,
                optimizer: optax.GradientTransformation,
                optim_cfg: OptimConfig,
                self_condition_prob: float = 0.5,
-               label_dropout: float = 0.1) -> tuple[TrainState, dict[str, jax.Array]]:
+               label_dropout: float = 0.1,
+               token_ce: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW step on the diffusion loss (un-jitted; see `make_train_step`).
 
   Args:
@@ -205,12 +227,15 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
     diffusion_cfg: schedule and prediction target (static).
     optimizer: from `make_optimizer` (static).
     optim_cfg: its settings; the EMA decay follows `ema_decay_at`.
-    self_condition_prob: for a UNet with self_condition, the share of examples
+    self_condition_prob: for a denoiser with self_condition, the share of examples
       whose second pass sees the first pass's x0 estimate (stop-gradient,
       Analog Bits); the others see zeros, as at the first sampling step.
     label_dropout: see `labels`.
+    tokens, head, token_ce: [B, n] the windows' tokens, the current-token head (see
+      `token_loss`) and the weight of the token loss (0 = off; then both may be None).
   Returns:
-    (new state, {"loss": scalar, "grad_norm": scalar (before clipping)}).
+    (new state, {"loss": total, "mse": the diffusion loss, "token_ce": the token loss (0 when
+    off), "grad_norm": before clipping}).
   """
   chex.assert_rank(batch_x0, 3)
   b, n, _ = batch_x0.shape
@@ -238,15 +263,20 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
       use = jax.random.bernoulli(k_sc, self_condition_prob, (b,))[:, None, None]
       x0_prev = jnp.where(use, jax.lax.stop_gradient(estimate), 0.0)
     out = model(x_t, t, known_mask, known, labels, x0_prev, deterministic=False)
-    return diffusion.loss(out, x0, noise, t, ~known_mask, diffusion_cfg)
+    mse = diffusion.loss(out, x0, noise, t, ~known_mask, diffusion_cfg)
+    ce = jnp.zeros((), jnp.float32)
+    if token_ce:
+      x0_hat, _ = diffusion.predict_x0_eps(out, x_t, t, diffusion_cfg)
+      ce = token_loss(x0_hat, tokens, ~known_mask, head)
+    return mse + token_ce * ce, (mse, ce)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, (mse, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(optim_cfg, state.step)
   ema = optax.incremental_update(params, state.ema, step_size=1.0 - decay)
   new_state = state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  metrics = {"loss": loss, "mse": mse, "token_ce": ce, "grad_norm": optax.tree.norm(grads)}
   return new_state, metrics
 
 
@@ -265,8 +295,11 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
 
 def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimConfig,
                     mesh: jax.sharding.Mesh, rules: Rules, *, self_condition_prob: float = 0.5,
-                    label_dropout: float = 0.1):
-  """A callable (state, batch [B, n, d], key, labels=None) -> (new state, metrics), jitted once.
+                    label_dropout: float = 0.1, token_ce: float = 0.0,
+                    token_head: dict | None = None):
+  """A callable (state, batch [B, n, d], key, labels=None, tokens=None) -> (new state,
+  metrics), jitted once. With token_ce > 0, `token_head` (see `token_loss`) is placed
+  replicated once and every call needs the batch's tokens [B, n].
 
   The first call fixes the state's shardings (`state_shardings`); a state not
   placed there yet (fresh or restored) is moved once (checked on one leaf: a
@@ -282,16 +315,22 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
   label_sharding = batch_sharding(mesh, rules, 1)
   fn = functools.partial(train_step, diffusion_cfg=diffusion_cfg, optimizer=optimizer,
                          optim_cfg=optim_cfg, self_condition_prob=self_condition_prob,
-                         label_dropout=label_dropout)
+                         label_dropout=label_dropout, token_ce=token_ce)
+  if token_ce and token_head is None:
+    raise ValueError("make_train_step: token_ce > 0 needs the token head")
+  head = put_global(dict(token_head), replicated) if token_ce else None
+  token_sharding = batch_sharding(mesh, rules, 2)
   compiled = {}
 
-  def step(state: TrainState, batch, key, labels=None):
+  def step(state: TrainState, batch, key, labels=None, tokens=None):
     if "fn" not in compiled:
       shardings = state_shardings(state, mesh, rules, optimizer)
       compiled["shardings"] = shardings
       compiled["fn"] = jax.jit(
           fn, in_shardings=(shardings, x_sharding, replicated,
-                            None if labels is None else label_sharding),
+                            None if labels is None else label_sharding,
+                            token_sharding if token_ce else None,
+                            replicated if token_ce else None),
           out_shardings=(shardings, replicated), donate_argnums=(0,))
     first = jax.tree.leaves(state.params)[0]
     if getattr(first, "sharding", None) != jax.tree.leaves(compiled["shardings"].params)[0]:
@@ -301,6 +340,11 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
     if labels is not None:
       labels = jax.make_array_from_process_local_data(label_sharding,
                                                       np.asarray(labels, np.int32))
-    return compiled["fn"](state, batch, key, labels)
+    if token_ce:
+      tokens = jax.make_array_from_process_local_data(token_sharding,
+                                                      np.asarray(tokens, np.int32))
+    else:
+      tokens = None
+    return compiled["fn"](state, batch, key, labels, tokens, head)
 
   return step

@@ -63,7 +63,7 @@ from dihal_jax.eval.judges import Judges
 from dihal_jax.eval.rows import CALIBRATION_ROWS, L0_ROWS, RowGenerators
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.hybrid.readout import MODES, Readout, nearest_embedding
-from dihal_jax.hybrid.sample import identity_head, readout_config
+from dihal_jax.hybrid.sample import current_token_head, readout_config
 from dihal_jax.parallel.sharding import make_mesh
 
 REFERENCE_ROWS = ("real_text", "oracle", "oracle_lm_head", "ar_backbone") + CALIBRATION_ROWS
@@ -109,7 +109,7 @@ def _l0_bridge(config: ml_collections.ConfigDict, workdir: Path, progress: bool)
   with cfg.unlocked():
     cfg.bridge.layer = "0"
   run_train(cfg, workdir / "l0", progress=progress)
-  return load_bridge(workdir / "l0", make_mesh(config.mesh.to_dict()))
+  return load_bridge(workdir / "l0", make_mesh(config.mesh.to_dict()), kind=config.bridge.denoiser)
 
 
 def _bridge_diagnostics(bridge: TrainedBridge, real_tokens: np.ndarray, real_h: np.ndarray,
@@ -183,15 +183,16 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   gens = RowGenerators(backbone, CountSampler.fit(train, backbone.cfg.vocab_size), cfg,
                        config.sample.readout, batch)
   if needs_main:
-    gens.main = load_bridge(workdir, make_mesh(config.mesh.to_dict()))
+    gens.main = load_bridge(workdir, make_mesh(config.mesh.to_dict()),
+                            kind=config.bridge.denoiser)
     gens.readers["main"] = Readout(backbone, gens.main.layer, data.separator)
-    gens.head = identity_head(gens.main)
+    gens.head = current_token_head(gens.main, backbone.cfg.vocab_size)
   if needs_l0:
     gens.l0 = _l0_bridge(config, workdir, progress)
     gens.readers["l0"] = Readout(backbone, 0, data.separator)
   oracle_mode = config.sample.readout if config.sample.readout != "refine" else "lm_head"
-  if oracle_mode == "identity" and gens.head is None:
-    oracle_mode = "lm_head"  # the class-mean head comes with a trained bridge
+  if oracle_mode in ("identity", "joint") and gens.head is None:
+    oracle_mode = "lm_head"  # the current-token head comes with a trained bridge
   if any(m.startswith("oracle") for m in methods) and "main" not in gens.readers:
     gens.readers["main"] = Readout(backbone, interface_layer(config, workdir), data.separator)
 

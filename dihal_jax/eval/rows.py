@@ -27,7 +27,8 @@ from dihal_jax.backbone.generate import generate
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.eval.calibration import CountSampler
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge
-from dihal_jax.hybrid.readout import ClassMeanHead, Readout, ReadoutConfig, nearest_embedding
+from dihal_jax.bridge.token_head import ClassMeanHead
+from dihal_jax.hybrid.readout import Readout, ReadoutConfig, nearest_embedding
 
 CALIBRATION_ROWS = ("unigram_sampler", "bigram_sampler")
 L0_ROWS = ("dihal_l0", "embedding_rounding")
@@ -42,7 +43,7 @@ class RowGenerators:
   batch: int
   main: TrainedBridge | None = None  # the bridge at l*
   l0: TrainedBridge | None = None  # the bridge at l = 0
-  head: ClassMeanHead | None = None  # the identity readout's current-token head
+  head: ClassMeanHead | None = None  # the current-token head (identity / joint readouts)
   readers: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> Readout
 
   def mode(self, method: str) -> str | None:

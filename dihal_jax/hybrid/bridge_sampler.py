@@ -1,7 +1,7 @@
 """A trained bridge, ready to sample hidden states h_l (EMA params, inference only).
 
 What: `load_bridge(workdir)` restores the newest checkpoint of `dihal train`
-(the UNet it describes, its EMA params, the normalizer, the layer, the
+(the denoiser it describes, UNet or transformer, its EMA params, the normalizer, the layer, the
 diffusion settings); `TrainedBridge.sample` draws h_l [B, n, d] in the
 backbone's own units, with optional known positions (prompt, infill, the
 blockwise prefix) and an optional partly-noised start (refine).
@@ -30,17 +30,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dihal_jax.bridge import diffusion
+from dihal_jax.bridge import denoiser, diffusion
 from dihal_jax.bridge.checkpoint import read_latest
 from dihal_jax.bridge.normalization import Normalizer
 from dihal_jax.bridge.train_step import OptimConfig, init_train_state, make_optimizer
-from dihal_jax.bridge.unet import UNet, UNetConfig
-
-
-def unet_config(stored: dict) -> UNetConfig:
-  """UNetConfig from a JSON round-tripped config dict (lists back to tuples)."""
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
-  return UNetConfig(**fields)
+from dihal_jax.errors import UserInputError
 
 
 @dataclasses.dataclass
@@ -57,6 +51,8 @@ class TrainedBridge:
   step: int
   train_cache: str | None  # the hidden-state cache it was trained on (identity head)
   factor: int  # window lengths must be multiples of this (the UNet's downsampling)
+  kind: str  # "unet" | "transformer"
+  params_count: int  # trained parameters of the denoiser
 
   def sample(self, key: jax.Array, known_h: jax.Array, known_mask: jax.Array, *,
              steps: int | None = None, x_start: jax.Array | None = None,
@@ -108,19 +104,26 @@ def _denoise_x0(graphdef, params, z_t, t, known_mask, z_known, *, cfg):
   return x0
 
 
-def load_bridge(workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -> TrainedBridge:
+def load_bridge(workdir: str | Path, mesh: jax.sharding.Mesh | None = None, *,
+                kind: str | None = None) -> TrainedBridge:
   """The newest checkpoint of `dihal train --workdir=workdir` (its EMA params), replicated
-  over `mesh` (the backbone's) when given."""
+  over `mesh` (the backbone's) when given. `kind` (the config's bridge.denoiser): a
+  checkpoint of another kind is a UserInputError."""
   built = {}
 
   def abstract(config: dict, extra: dict):
+    stored = (extra.get("denoiser") or {}).get("kind", "unet")
+    if kind is not None and stored != kind:
+      raise UserInputError(f"{workdir}: its bridge is a {stored} denoiser but "
+                           f"bridge.denoiser={kind!r}; use that workdir's setting or retrain")
     t = config["train"]
-    unet = UNet(len(extra["normalizer"]["mean"]), unet_config(config["bridge"]["unet"]),
-                rngs=nnx.Rngs(0))
+    model = built["model"] = denoiser.from_description(
+        extra.get("denoiser"), config, len(extra["normalizer"]["mean"]),
+        Normalizer.from_dict(extra["normalizer"]))
     optim = OptimConfig(lr=t["lr"], warmup_steps=t["warmup_steps"], total_steps=t["steps"],
                         weight_decay=t["weight_decay"], clip_norm=t["clip_norm"],
                         ema_decay=t["ema_decay"])
-    state = built["state"] = init_train_state(unet, make_optimizer(optim))
+    state = built["state"] = init_train_state(model, make_optimizer(optim))
     return jax.tree.map(ocp.utils.to_shape_dtype_struct,
                         {"params": state.params, "rest": state.rest, "opt_state": state.opt_state,
                          "ema": state.ema, "step": state.step})
@@ -129,11 +132,12 @@ def load_bridge(workdir: str | Path, mesh: jax.sharding.Mesh | None = None) -> T
   params = (restored["ema"], restored["rest"])
   if mesh is not None:
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-  unet_cfg = unet_config(config["bridge"]["unet"])
+  model = built["model"]
   return TrainedBridge(graphdef=built["state"].graphdef, params=params,
                        norm=Normalizer.from_dict(extra["normalizer"]), layer=int(extra["layer"]),
                        dim=len(extra["normalizer"]["mean"]),
-                       diffusion=diffusion.DiffusionConfig(**config["bridge"]["diffusion"]),
-                       self_condition=unet_cfg.self_condition, step=int(step),
-                       train_cache=extra.get("train_cache"),
-                       factor=2 ** (len(unet_cfg.channel_mults) - 1))
+                       diffusion=denoiser.diffusion_config(config["bridge"]),
+                       self_condition=model.cfg.self_condition, step=int(step),
+                       train_cache=extra.get("train_cache"), factor=denoiser.factor(model),
+                       kind=denoiser.describe(model)["kind"],
+                       params_count=denoiser.num_params(model))

@@ -18,9 +18,16 @@ The modes (`MODES`), all measured by `dihal eval`:
              block is read from logits at the last *real* prefix position, so
              it is the backbone's own next-token draw; 1/k of the tokens do not
              depend on the bridge (reported as `ar_share`).
-  identity   decode the *current* token of each position from h_l with a
-             class-mean head fit on the train split's cached states
-             (`ClassMeanHead`): consistent with the states by construction.
+  identity   decode the *current* token of each position from h_l with the
+             current-token head (bridge/token_head.py, class means fit on the
+             train split's cached states): consistent with the states by
+             construction, but blind to the language.
+  joint      both in one parallel pass: token_i ~ top-p softmax((logits_LM[i-1] +
+             β · log p_id(· | h_i)) / T), logits_LM from the upper layers on the
+             generated states h_<i, p_id the current-token head on h_i. Fed the
+             true states of real text it gives back that text (the LM term alone
+             is the literal readout; the p_id term alone is `identity`); β = 0 is
+             `lm_head`.
 
 Also `nearest_embedding` (Diffusion-LM rounding: the row of the embedding
 matrix nearest to a generated h_0), the `embedding_rounding` baseline's readout.
@@ -42,12 +49,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dihal_jax.backbone.generate import sample_next
+from dihal_jax.backbone.generate import sample_next, top_p_filter
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge import diffusion
+from dihal_jax.bridge.token_head import ClassMeanHead, nearest_rows
 from dihal_jax.errors import UserInputError
 
-MODES = ("blockwise", "lm_head", "refine", "identity")
+MODES = ("blockwise", "lm_head", "refine", "identity", "joint")
+_UNSEEN = -1e4  # log p_id of a token the head never saw (e^-10^4 = 0 in float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +68,7 @@ class ReadoutConfig:
   rounds: int = 4  # refine: at most R rounds
   renoise_t: float = 0.3  # refine: re-noise level t_r
   steps: int = 50  # bridge sampler steps (a full 1 -> 0 pass)
+  beta: float = 1.0  # joint: weight of the current-token head's log-probabilities
 
 
 def validate(mode: str, cfg: ReadoutConfig, length: int):
@@ -72,56 +82,18 @@ def validate(mode: str, cfg: ReadoutConfig, length: int):
     raise UserInputError(f"block={cfg.block}: expected 1 <= block < length={length}")
   if not 0.0 < cfg.renoise_t <= 1.0:
     raise UserInputError(f"renoise_t={cfg.renoise_t}: expected 0 < t <= 1")
+  if cfg.beta < 0:
+    raise UserInputError(f"beta={cfg.beta}: expected >= 0 (the joint readout's weight of "
+                         "the current-token head)")
   if cfg.steps < 1 or cfg.rounds < 0:
     raise UserInputError(f"steps={cfg.steps}, rounds={cfg.rounds}: expected >= 1 and >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassMeanHead:
-  """identity readout: token of position t = argmin_v ||h_t - μ_v||² over tokens seen in training.
-
-  Fit on raw h_l (backbone units) of the train cache: μ_v = mean of h_l at the
-  positions holding token v. At a shallow layer the current token dominates h_l.
-  """
-  ids: np.ndarray  # [V'] int32 token ids with at least one training occurrence
-  means: np.ndarray  # [V', d] float32
-
-  @classmethod
-  def fit(cls, tokens: np.ndarray, states: np.ndarray, chunk: int = 512) -> "ClassMeanHead":
-    """tokens [N, T] int, states [N, T, d] (a memmap is fine); position 0 included."""
-    d = states.shape[-1]
-    vocab = int(np.max(tokens)) + 1
-    sums, counts = np.zeros((d, vocab)), np.zeros(vocab)
-    for i in range(0, len(tokens), chunk):
-      ids = np.asarray(tokens[i:i + chunk]).ravel()
-      x = np.asarray(states[i:i + chunk], np.float64).reshape(-1, d)
-      counts += np.bincount(ids, minlength=vocab)
-      for c in range(d):
-        sums[c] += np.bincount(ids, weights=x[:, c], minlength=vocab)
-    seen = np.flatnonzero(counts)
-    return cls(seen.astype(np.int32), (sums[:, seen] / counts[seen]).T.astype(np.float32))
-
-  def __call__(self, h: jax.Array) -> jax.Array:
-    """tokens [B, n] int32 for h [B, n, d]."""
-    return _nearest(h, jnp.asarray(self.means), jnp.asarray(self.ids))
-
-
-@jax.jit
-def _nearest(h, rows, ids):
-  """ids[argmin_r ||h - rows_r||²] per position, one batch row at a time (memory ~ n x V)."""
-  sq = jnp.sum(jnp.square(rows), axis=-1)
-
-  def one(x):  # x [n, d]
-    scores = 2.0 * jnp.einsum("nd,vd->nv", x, rows, preferred_element_type=jnp.float32) - sq
-    return ids[jnp.argmax(scores, axis=-1)]
-
-  return jax.lax.map(one, jnp.asarray(h, jnp.float32))
 
 
 def nearest_embedding(h0: jax.Array, embed: jax.Array) -> jax.Array:
   """Diffusion-LM rounding: tokens [B, n] whose embedding rows are nearest (L2) to h0 [B, n, d]."""
   chex.assert_rank(h0, 3)
-  return _nearest(h0, jnp.asarray(embed, jnp.float32), jnp.arange(embed.shape[0], dtype=jnp.int32))
+  return nearest_rows(jnp.asarray(h0, jnp.float32), jnp.asarray(embed, jnp.float32),
+                      jnp.arange(embed.shape[0], dtype=jnp.int32))
 
 
 class Readout:
@@ -141,6 +113,19 @@ class Readout:
     return _lm_head(self.graphdef, self.state, jnp.asarray(h, jnp.float32), key,
                     layer=self.layer, separator=self.separator, temperature=cfg.temperature,
                     top_p=cfg.top_p)
+
+  def joint(self, h, head: ClassMeanHead, key, cfg: ReadoutConfig,
+            temperature: float | None = None) -> jax.Array:
+    """tokens [B, n] of the joint readout of h [B, n, d] (token 0 = separator); `temperature`
+    overrides cfg.temperature (traced: re-reading at other temperatures does not recompile)."""
+    h = jnp.asarray(h, jnp.float32)
+    t = cfg.temperature if temperature is None else temperature
+    z = head.norm.forward(h)
+    return _joint(self.graphdef, self.state, h, z, jnp.asarray(head.means), jnp.asarray(head.ids),
+                  key, jnp.float32(max(t, 1e-6)), jnp.float32(head.temperature),
+                  jnp.float32(cfg.beta),
+                  layer=self.layer, separator=self.separator, vocab=head.vocab_size,
+                  greedy=t == 0, top_p=cfg.top_p)
 
   def template(self, num: int, length: int, prompt: list[int] | None = None):
     """(tokens, known) for unconditional generation (position 0 = separator known) or a
@@ -189,11 +174,12 @@ class Readout:
       return {"tokens": tokens, "states": states, "rounds": 0}
     known_h = self.lower(tokens)
     states = bridge.sample(k_first, known_h, known, steps=cfg.steps)
-    if mode == "identity":
+    if mode in ("identity", "joint"):
       if identity_head is None:
-        raise ValueError("identity readout needs a ClassMeanHead")
-      return {"tokens": jnp.where(known, tokens, identity_head(states)), "states": states,
-              "rounds": 0}
+        raise ValueError(f"{mode} readout needs the current-token head (ClassMeanHead)")
+      read = (identity_head(states) if mode == "identity" else
+              self.joint(states, identity_head, jax.random.fold_in(k_rest, 0), cfg))
+      return {"tokens": jnp.where(known, tokens, read), "states": states, "rounds": 0}
     tokens = jnp.where(known, tokens, self.lm_head(states, jax.random.fold_in(k_rest, 0), cfg))
     rounds = 0
     if mode == "refine":
@@ -240,4 +226,26 @@ def _lm_head(graphdef, state, h, key, *, layer, separator, temperature, top_p):
   keys = jax.random.split(key, n1)
   nxt = jax.vmap(lambda lg, k: sample_next(lg, k, temperature, top_p), in_axes=(1, 0),
                  out_axes=1)(logits, keys)
+  return jnp.concatenate([jnp.full((b, 1), separator, jnp.int32), nxt], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "separator", "vocab", "greedy", "top_p"))
+def _joint(graphdef, state, h, z, means, ids, key, temperature, tau, beta, *, layer, separator,
+           vocab, greedy, top_p):
+  """The joint readout (module docstring) of h [B, n, d] with z = the head's normalized h."""
+  lm = nnx.merge(graphdef, state).upper(h, layer)[:, :-1]  # [B, n-1, V]: logits[t] -> t + 1
+  scores = (2.0 * jnp.einsum("bnd,vd->bnv", z[:, 1:], means, preferred_element_type=jnp.float32)
+            - jnp.sum(jnp.square(means), axis=-1))
+  log_id = jax.nn.log_softmax(scores / tau, axis=-1)  # [B, n-1, V']
+  # Tokens never seen in training have p_id = 0: a finite floor keeps β = 0 exactly lm_head.
+  combined = lm.at[..., ids].add(beta * log_id) + jnp.where(
+      jnp.zeros((vocab,), bool).at[ids].set(True), 0.0, beta * _UNSEEN)
+  if greedy:
+    nxt = jnp.argmax(combined, axis=-1).astype(jnp.int32)
+  else:
+    logits = combined / temperature
+    if top_p < 1.0:
+      logits = top_p_filter(logits, top_p)
+    nxt = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  b = h.shape[0]
   return jnp.concatenate([jnp.full((b, 1), separator, jnp.int32), nxt], axis=1)

@@ -26,7 +26,8 @@ from dihal_jax.backbone import checkpoint
 from dihal_jax.errors import UserInputError
 from dihal_jax.parallel.sharding import make_mesh
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
-from dihal_jax.hybrid.readout import ClassMeanHead, Readout, ReadoutConfig
+from dihal_jax.bridge.token_head import ClassMeanHead
+from dihal_jax.hybrid.readout import Readout, ReadoutConfig
 
 GAP = "[___]"
 
@@ -34,17 +35,20 @@ GAP = "[___]"
 def readout_config(config: ml_collections.ConfigDict, steps: int | None = None) -> ReadoutConfig:
   s = config.sample
   return ReadoutConfig(temperature=s.temperature, top_p=s.top_p, block=s.block,
-                       rounds=s.rounds, renoise_t=s.renoise_t, steps=steps or s.steps)
+                       rounds=s.rounds, renoise_t=s.renoise_t, steps=steps or s.steps,
+                       beta=s.beta)
 
 
-def identity_head(bridge: TrainedBridge) -> ClassMeanHead:
-  """The class-mean current-token head on the bridge's own training cache."""
+def current_token_head(bridge: TrainedBridge, vocab_size: int) -> ClassMeanHead:
+  """The current-token head (identity / joint readouts) fit on the bridge's own training cache,
+  in its normalized space."""
   cache = Path(bridge.train_cache or "")
   states = cache / f"layer_{bridge.layer}.npy"
   if not states.is_file():
-    raise UserInputError(f"identity readout: the bridge's training cache {cache} is missing "
+    raise UserInputError(f"current-token head: the bridge's training cache {cache} is missing "
                          "(re-run `dihal train` on this machine to rebuild it)")
-  return ClassMeanHead.fit(np.load(cache / "tokens.npy"), np.load(states, mmap_mode="r"))
+  return ClassMeanHead.fit(np.load(cache / "tokens.npy"), np.load(states, mmap_mode="r"),
+                           bridge.norm, vocab_size=vocab_size)
 
 
 def infill_template(text: str, tokenizer, separator: int, gap: int, factor: int):
@@ -68,7 +72,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str | Path, *, prompt
                infill: str = "", progress: bool = True) -> dict:
   workdir = Path(workdir)
   s = config.sample
-  bridge = load_bridge(workdir, make_mesh(config.mesh.to_dict()))
+  bridge = load_bridge(workdir, make_mesh(config.mesh.to_dict()), kind=config.bridge.denoiser)
   ckpt = checkpoint.checkpoint_dir(config, workdir)
   tokenizer = checkpoint.load_tokenizer(ckpt)
   if tokenizer is None:
@@ -90,7 +94,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str | Path, *, prompt
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     tokens, known = reader.template(s.num, length, ids)
   cfg = readout_config(config)
-  head = identity_head(bridge) if s.readout == "identity" else None
+  head = (current_token_head(bridge, backbone.cfg.vocab_size)
+          if s.readout in ("identity", "joint") else None)
   out_tokens = []
   for i in tqdm(range(0, s.num, s.batch), desc=f"sample ({s.readout})", disable=not progress):
     out = reader.fill(bridge, jax.random.fold_in(jax.random.key(config.seed), i),

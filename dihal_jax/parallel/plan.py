@@ -48,7 +48,7 @@ from dihal_jax import reports
 from dihal_jax.backbone.checkpoint import backbone_config
 from dihal_jax.backbone.config import BackboneConfig
 from dihal_jax.backbone.model import Decoder, param_shardings
-from dihal_jax.bridge import diffusion
+from dihal_jax.bridge import denoiser, diffusion
 from dihal_jax.bridge.train_step import (OptimConfig, init_train_state, make_optimizer,
                                          state_shardings)
 from dihal_jax.bridge.unet import UNet, UNetConfig
@@ -130,7 +130,7 @@ class Models:
     self.backbone_graphdef, self.backbone = nnx.split(nnx.eval_shape(
         lambda: Decoder(cfg, dtype=self.dtype, param_dtype=self.param_dtype, rngs=nnx.Rngs(0))))
     self.unet_cfg = UNetConfig(**config.bridge.unet.to_dict())
-    self.diffusion_cfg = diffusion.DiffusionConfig(**config.bridge.diffusion.to_dict())
+    self.diffusion_cfg = denoiser.diffusion_config(dict(config.bridge.to_dict(), denoiser="unet"))
     self.optimizer = make_optimizer(OptimConfig())  # the state's shapes do not depend on values
     unet_cfg, seed = self.unet_cfg, config.seed
     try:
