@@ -18,8 +18,7 @@ from dihal_jax.backbone.convert import load_model
 from dihal_jax.bridge.diffusion import DiffusionConfig
 from dihal_jax.bridge.normalization import Normalizer
 from dihal_jax.errors import UserInputError
-from dihal_jax.hybrid.readout import (ClassMeanHead, Readout, ReadoutConfig, nearest_embedding,
-                                      validate)
+from dihal_jax.hybrid.readout import Readout, ReadoutConfig, nearest_embedding, validate
 from dihal_jax.hybrid.sample import infill_template
 from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
@@ -98,23 +97,6 @@ def test_refine_stops_once_the_tokens_stop_changing(models):
                                 _torch_argmax(torch_model, text).numpy()[:, :-1])
 
 
-def test_class_mean_head_matches_numpy_and_recovers_embeddings(models):
-  model, _ = models
-  rng = np.random.default_rng(2)
-  tokens = rng.integers(0, 40, (30, N))
-  states = rng.normal(size=(30, N, 5)).astype(np.float32)
-  head = ClassMeanHead.fit(tokens, states, chunk=7)
-  assert set(head.ids) == set(np.unique(tokens))
-  for i, v in enumerate(head.ids):
-    np.testing.assert_allclose(head.means[i], states[tokens == v].mean(0), rtol=1e-5, atol=1e-6)
-  # identity readout at layer 0: h_0 is the embedding row, so decoding is exact.
-  reader = Readout(model, 0, SEP)
-  text = rng.integers(0, model.cfg.vocab_size, (4, N)).astype(np.int32)
-  h0 = np.asarray(reader.lower(text))
-  head0 = ClassMeanHead.fit(text, h0)
-  np.testing.assert_array_equal(np.asarray(head0(h0)), text)
-
-
 def test_nearest_embedding_matches_numpy():
   rng = np.random.default_rng(3)
   embed = rng.normal(size=(50, 8)).astype(np.float32)
@@ -175,7 +157,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("readout", ["blockwise", "lm_head", "refine", "identity"])
+@pytest.mark.parametrize("readout", ["blockwise", "lm_head", "refine", "identity", "joint"])
 def test_dihal_sample_every_readout(trained, readout):
   proc = _dihal(trained, "sample", "--num=3", f"--readout={readout}")
   assert proc.returncode == 0, proc.stderr[-3000:]

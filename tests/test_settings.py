@@ -36,6 +36,15 @@ def _cli(*args, timeout=900):
     ("eval", ["--config.eval.num=1"], "--config.eval.num=1"),
     ("eval", ["--config.eval.prefix=1"], "--config.eval.prefix=1"),
     ("sweep", ["--config.train.warmup_steps=-1"], "--config.train.warmup_steps=-1"),
+    ("sample", ["--config.sample.beta=-0.5"], "--config.sample.beta=-0.5: expected >= 0"),
+    ("train", ["--config.bridge.denoiser=mlp"], "--config.bridge.denoiser='mlp'"),
+    ("train", ["--config.bridge.init=pretrained"], "--config.bridge.init='pretrained'"),
+    ("train", ["--config.bridge.layer=1", "--config.bridge.denoiser=transformer",
+               "--config.bridge.init=backbone", "--config.bridge.transformer.blocks=3"],
+     "--config.bridge.init=backbone: blocks 2..4 do not exist"),
+    ("ablate", ["--config.bridge.layer=2", "--config.bridge.denoiser=transformer",
+                "--config.bridge.init=backbone"],
+     "--config.bridge.init=backbone: blocks 3..6 do not exist"),
 ])
 def test_impossible_settings_exit_2_before_any_work(tmp_path, command, extra, flag):
   workdir = tmp_path / "w"

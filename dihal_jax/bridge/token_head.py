@@ -30,7 +30,7 @@ from scipy import optimize
 
 from dihal_jax.bridge.normalization import Normalizer
 
-FIT_POSITIONS = 4096  # positions the temperature is fitted on
+FIT_POSITIONS = 4096  # positions the temperature is fitted on (all of them when fewer)
 _LOG_TAU_BOUNDS = (-8.0, 12.0)
 
 
@@ -45,8 +45,8 @@ class ClassMeanHead:
   @classmethod
   def fit(cls, tokens: np.ndarray, states: np.ndarray, norm: Normalizer, *, vocab_size: int,
           chunk: int = 512, seed: int = 0) -> "ClassMeanHead":
-    """tokens [N, T] int, states [N, T, d] in backbone units (a memmap is fine); position 0
-    included in the means, excluded from the temperature fit."""
+    """tokens [N, T] int (T >= 2), states [N, T, d] in backbone units (a memmap is fine);
+    position 0 included in the means, excluded from the temperature fit."""
     d = states.shape[-1]
     sums, counts = np.zeros((d, vocab_size)), np.zeros(vocab_size)
     for i in range(0, len(tokens), chunk):
@@ -59,12 +59,15 @@ class ClassMeanHead:
     raw = (sums[:, seen] / counts[seen]).T
     means = np.asarray(norm.forward(raw.astype(np.float32)), np.float32)
     head = cls(seen.astype(np.int32), means, norm, 1.0, vocab_size)
-    rng = np.random.default_rng(seed)
     n, t = tokens.shape
-    rows = rng.integers(0, n, FIT_POSITIONS)
-    cols = rng.integers(1, t, FIT_POSITIONS) if t > 1 else np.zeros(FIT_POSITIONS, int)
-    order = np.lexsort((cols, rows))  # memmap reads in file order
-    rows, cols = rows[order], cols[order]
+    if n * (t - 1) <= FIT_POSITIONS:  # every position but 0
+      rows, cols = np.divmod(np.arange(n * (t - 1)), t - 1)
+      cols = cols + 1
+    else:  # a seeded sample, read in file order (states may be a memmap)
+      rng = np.random.default_rng(seed)
+      rows, cols = rng.integers(0, n, FIT_POSITIONS), rng.integers(1, t, FIT_POSITIONS)
+      order = np.lexsort((cols, rows))
+      rows, cols = rows[order], cols[order]
     z = np.asarray(norm.forward(np.stack([states[r, c] for r, c in zip(rows, cols)])))
     scores = _scores(jnp.asarray(z), jnp.asarray(means))  # [P, V']
     index = jnp.asarray(np.searchsorted(seen, np.asarray(tokens)[rows, cols]))
