@@ -254,6 +254,9 @@ def _run(command: str, config, workdir: Path) -> int:
     except train.TrainingStopped as e:  # finished rows stay
       print(f"dihal: training stopped: {e}", file=sys.stderr)
       return 1
+    if "interrupted" in report:
+      print(f"SIGTERM: stopped while training {report['interrupted']}; the same command resumes")
+      return 0
     print(ablation.summary(report))
     ok = True
   elif command == "sweep":

@@ -135,6 +135,9 @@ def base() -> ml_collections.ConfigDict:
   c.eval.noise_levels = (0.1, 0.3, 0.5)  # bridge val MSE and token recovery at these t
   c.eval.show = 3  # sample texts per method in the report
 
+  c.ablate = ml_collections.ConfigDict()  # dihal ablate (eval/ablation.py)
+  c.ablate.rows = ""  # comma-separated rows of eval/ablation.py::ROWS; empty = all
+
   c.demo = ml_collections.ConfigDict()
   c.demo.preset = "quick"  # dihal demo budget: quick | full | smoke | none (demo.PRESETS)
 

@@ -7,7 +7,8 @@ rate and sampler; only the denoiser, its initialization and the token loss diffe
   transformer_backbone         the same blocks copied from the backbone (ℓ+1..ℓ+m)
   transformer_backbone_ce      ... plus the auxiliary token loss (train.token_ce)
 Each bridge trains into workdir/NAME (resumable: an interrupted ablation restarts where
-it stopped; finished rows are reused).
+it stopped; finished rows are reused). `ablate.rows` picks a subset (e.g. the winner
+alone at another layer, for the ℓ* vs ℓ = 0 comparison).
 
 Every row samples eval.num unconditional windows once (sample.steps) and reads them three
 ways: `joint` at the temperature that brings its unigram entropy within ENTROPY_TOL nats of
@@ -18,7 +19,8 @@ PPL), the Kneser–Ney n-gram judge, MAUVE against held-out test windows, 95% bo
 intervals. Oracle rows read the *true* states of the held-out windows with `joint` and
 `identity`: a readout whose oracle does not return real text is not measuring the bridge.
 
-Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "oracle",
+SIGTERM during training saves the row's checkpoint and stops the ablation (returns
+{"interrupted": NAME}). Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "oracle",
 "budget", ...}) and report.md.
 """
 
@@ -37,8 +39,9 @@ from dihal_jax import reports, settings
 from dihal_jax.backbone import checkpoint
 from dihal_jax.bridge.train import interface_layer, run_train
 from dihal_jax.data.dataset import Data, cache_root
+from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
-from dihal_jax.eval.evaluate import evaluation_sets
+from dihal_jax.eval.evaluate import bridge_diagnostics, evaluation_sets
 from dihal_jax.eval.judges import Judges
 from dihal_jax.hybrid.bridge_sampler import load_bridge
 from dihal_jax.hybrid.readout import Readout
@@ -102,12 +105,19 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
   workdir = Path(workdir)
   settings.check(config, "ablate")
   t0 = time.perf_counter()
+  names = [r.strip() for r in config.ablate.rows.split(",") if r.strip()] or list(ROWS)
+  unknown = [r for r in names if r not in ROWS]
+  if unknown:
+    raise UserInputError(f"--config.ablate.rows: unknown {unknown}; known: {', '.join(ROWS)}")
+  chosen = {name: ROWS[name] for name in names}
   layer = interface_layer(config, workdir)
   timings = {}
-  for name, overrides in ROWS.items():
+  for name, overrides in chosen.items():
     tick = time.perf_counter()
-    run_train(row_config(config, overrides, layer), workdir / name, progress=progress)
+    trained = run_train(row_config(config, overrides, layer), workdir / name, progress=progress)
     timings[f"train_{name}_s"] = time.perf_counter() - tick
+    if trained["interrupted"]:  # SIGTERM: saved; the same command resumes
+      return {"interrupted": name, "step": trained["steps"]}
 
   e, s = config.eval, config.sample
   data = Data.from_config(config, workdir)
@@ -126,7 +136,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
   mesh = make_mesh(config.mesh.to_dict())
 
   rows, head, oracle = {}, None, {}
-  for i, (name, overrides) in enumerate(tqdm(ROWS.items(), desc="ablate: eval",
+  for i, (name, overrides) in enumerate(tqdm(chosen.items(), desc="ablate: eval",
                                              disable=not progress)):
     tick = time.perf_counter()
     bridge = load_bridge(workdir / name, mesh)
@@ -162,7 +172,10 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
         "readout": "joint", "params": bridge.params_count, "steps": bridge.step,
         "batch_size": train_cfg.train.batch_size, "lr": train_cfg.train.lr,
         **{k: v for k, v in reads["joint_matched"].items()},
-        "spread_ratio": metrics.spread_ratio(gen_z, real_z), "reads": reads,
+        "spread_ratio": metrics.spread_ratio(gen_z, real_z),
+        **bridge_diagnostics(bridge, real, real_h, head, tuple(e.noise_levels),
+                             jax.random.fold_in(k, 2)),
+        "reads": reads,
         "samples": [data.tokenizer.decode(r[1:].tolist()) for r in matched_tokens[:e.show]],
         "eval_s": time.perf_counter() - tick}
 
@@ -202,10 +215,11 @@ def _winner(rows: dict, target: float) -> str:
 
 
 def _verdict(rows: dict, winner: str, real: dict) -> dict:
-  """Does the winner beat unet_scratch on the n-gram judge outside the 95% intervals, and
-  how far is it from real text under each judge."""
-  w, u = rows[winner], rows["unet_scratch"]
-  return {"beats_unet_outside_ci": bool(w["ngram_ppl_ci"][1] < u["ngram_ppl_ci"][0]),
+  """Does the winner beat unet_scratch on the n-gram judge outside the 95% intervals (None
+  without that row), and how far is it from real text under each judge."""
+  w, u = rows[winner], rows.get("unet_scratch")
+  return {"beats_unet_outside_ci": (None if u is None else
+                                    bool(w["ngram_ppl_ci"][1] < u["ngram_ppl_ci"][0])),
           "ngram_vs_real": w["ngram_ppl"] / real["ngram_ppl"],
           "gen_ppl_vs_real": w["gen_ppl"] / real["gen_ppl"]}
 
@@ -217,25 +231,27 @@ def summary(report: dict) -> str:
            f"{report['num']} samples; joint readout at the temperature matching real text's "
            f"entropy ({real['entropy']:.2f} nats ± {ENTROPY_TOL}).", ""]
   header = ["row", "params", "T", "entropy", "gen PPL (self)", "n-gram PPL", "MAUVE", "spread",
-            "n-gram (untuned T)", "n-gram (identity)"]
+            "x0-MSE t=0.3", "recovery t=0.3", "n-gram (untuned T)", "n-gram (identity)"]
   table = [["real_text", "-", "-", _f(real["entropy"]), _ci(real, "gen_ppl"),
-            _ci(real, "ngram_ppl"), _f(real.get("mauve")), "-", "-", "-"]]
+            _ci(real, "ngram_ppl"), _f(real.get("mauve")), "-", "-", "-", "-", "-"]]
   for name in ("joint", "identity"):
     o = report["oracle"][name]
     table.append([f"oracle ({name}, true states)", "-", "-", _f(o["entropy"]),
-                  _ci(o, "gen_ppl"), _ci(o, "ngram_ppl"), _f(o.get("mauve")), "-", "-",
+                  _ci(o, "gen_ppl"), _ci(o, "ngram_ppl"), _f(o.get("mauve")), "-", "-", "-", "-",
                   f"{o['token_accuracy']:.1%} of tokens"])
   for name, r in report["rows"].items():
     table.append([name + (" (winner)" if name == report["winner"] else ""), f"{r['params']:,}",
                   _f(r["temperature"]), _f(r["entropy"]), _ci(r, "gen_ppl"),
                   _ci(r, "ngram_ppl"), _f(r.get("mauve")), _f(r["spread_ratio"]),
+                  _f(r.get("val_mse_t0.3")), _f(r.get("recovery_t0.3")),
                   _ci(r["reads"]["joint_untuned"], "ngram_ppl"),
                   _ci(r["reads"]["identity"], "ngram_ppl")])
   lines.append(reports.markdown_table(header, table))
   v = report["verdict"]
+  beats = v["beats_unet_outside_ci"]
   lines += ["", f"Winner {report['winner']}: n-gram PPL {v['ngram_vs_real']:.1f}x real text's, "
             f"gen PPL {v['gen_ppl_vs_real']:.1f}x; beats unet_scratch outside the 95% "
-            f"intervals: {v['beats_unet_outside_ci']}."]
+            f"intervals: {'n/a (no unet_scratch row)' if beats is None else beats}."]
   return "\n".join(lines)
 
 

@@ -112,7 +112,7 @@ def _l0_bridge(config: ml_collections.ConfigDict, workdir: Path, progress: bool)
   return load_bridge(workdir / "l0", make_mesh(config.mesh.to_dict()), kind=config.bridge.denoiser)
 
 
-def _bridge_diagnostics(bridge: TrainedBridge, real_tokens: np.ndarray, real_h: np.ndarray,
+def bridge_diagnostics(bridge: TrainedBridge, real_tokens: np.ndarray, real_h: np.ndarray,
                         decode, noise_levels, key) -> dict:
   """Spread reference, val x0-MSE and token recovery at each t (normalized space, position 0
   known)."""
@@ -248,7 +248,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
         if (which, set_name) not in diagnostics:
           decode = ((lambda h: nearest_embedding(h, backbone.embed[...])) if which == "l0"
                     else gens.head)
-          diagnostics[which, set_name] = _bridge_diagnostics(
+          diagnostics[which, set_name] = bridge_diagnostics(
               bridge, real, real_h[which], decode, tuple(e.noise_levels),
               jax.random.fold_in(key, 1000))
         gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states[method])))[:, 1:]
