@@ -17,7 +17,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

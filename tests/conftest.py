@@ -30,3 +30,17 @@ def tiny_checkpoints(tmp_path_factory):
   return {name: random_hf_checkpoint(load_config(name).model.hf_config.to_dict(), root / name,
                                      seed=0)
           for name in ("tiny_llama", "tiny_qwen3")}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints):
+  """(JAX Decoder on one device, the same tiny Llama in transformers) for readout tests."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from dihal_jax.backbone.convert import load_model
+  from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
+
+  path = tiny_checkpoints["tiny_llama"]
+  model = load_model(path, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES)
+  return model, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

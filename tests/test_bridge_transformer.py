@@ -15,25 +15,15 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import AutoModelForCausalLM
 
 from conftest import REPO
-from dihal_jax.backbone.convert import load_model
 from dihal_jax.bridge.normalization import Normalizer
 from dihal_jax.bridge.token_head import ClassMeanHead
 from dihal_jax.bridge.train_step import token_loss
 from dihal_jax.bridge.transformer import TransformerConfig, TransformerDenoiser
 from dihal_jax.hybrid.readout import Readout, ReadoutConfig
-from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 SEP, N = 1, 16
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoints):
-  path = tiny_checkpoints["tiny_llama"]
-  model = load_model(path, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES)
-  return model, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def _norm(d, seed=0):

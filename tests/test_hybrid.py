@@ -10,26 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from conftest import REPO
 from dihal_jax.backbone.checkpoint import byte_tokenizer
-from dihal_jax.backbone.convert import load_model
 from dihal_jax.bridge.diffusion import DiffusionConfig
 from dihal_jax.bridge.normalization import Normalizer
 from dihal_jax.errors import UserInputError
 from dihal_jax.hybrid.readout import Readout, ReadoutConfig, nearest_embedding, validate
 from dihal_jax.hybrid.sample import infill_template
-from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 SEP, N = 1, 16
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoints):
-  path = tiny_checkpoints["tiny_llama"]
-  model = load_model(path, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES)
-  return model, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 class StubBridge:
