@@ -142,7 +142,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
     bridge = load_bridge(workdir / name, mesh)
     if head is None:  # the same layer and normalizer in every row: one head
       head = current_token_head(bridge, backbone.cfg.vocab_size)
-      truth = {"joint": _joint_tokens(reader, real_h, head, key, cfg, s.batch, cfg.temperature),
+      truth = {"joint": _joint_tokens(reader, real_h, head, key, cfg, s.batch),
                "identity": _with_separator(np.asarray(head(real_h)), real)}
       for read, tokens in truth.items():
         oracle[read] = dict(_judged(judges, tokens, reference),
@@ -156,8 +156,11 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
                              for j in range(0, e.num, s.batch)])
     gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states)))[:, 1:]
     real_z = np.asarray(bridge.norm.forward(jnp.asarray(real_h)))[:, 1:]
-    read = lambda t: _joint_tokens(reader, states, head, jax.random.fold_in(k, 1), cfg,  # noqa: E731
-                                   s.batch, t)
+    scores = [reader.joint_scores(states[j:j + s.batch], head, cfg.beta)
+              for j in range(0, e.num, s.batch)]  # sorted once, drawn at every temperature
+    read = lambda t: np.concatenate([  # noqa: E731
+        np.asarray(reader.draw(sc, jax.random.fold_in(jax.random.fold_in(k, 1), j), t,
+                               cfg.top_p)) for j, sc in enumerate(scores)])
     temperature, matched_tokens, matched = matched_temperature(read, target)
     reads = {"joint_matched": _judged(judges, matched_tokens, reference),
              "joint_untuned": _judged(judges, read(cfg.temperature), reference),
@@ -202,9 +205,9 @@ def _with_separator(tokens: np.ndarray, given: np.ndarray) -> np.ndarray:
   return out
 
 
-def _joint_tokens(reader, states, head, key, cfg, batch, temperature) -> np.ndarray:
+def _joint_tokens(reader, states, head, key, cfg, batch) -> np.ndarray:
   return np.concatenate([np.asarray(reader.joint(states[j:j + batch], head,
-                                                 jax.random.fold_in(key, j), cfg, temperature))
+                                                 jax.random.fold_in(key, j), cfg))
                          for j in range(0, len(states), batch)])
 
 

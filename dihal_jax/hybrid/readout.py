@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import chex
 import jax
@@ -49,13 +50,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dihal_jax.backbone.generate import sample_next, top_p_filter
+from dihal_jax.backbone.generate import sample_next
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.token_head import ClassMeanHead, nearest_rows
 from dihal_jax.errors import UserInputError
 
 MODES = ("blockwise", "lm_head", "refine", "identity", "joint")
+
+
+class JointScores(NamedTuple):
+  """The joint readout's scores, sorted: values [B, n-1, V] descending, order = token ids."""
+  values: jax.Array
+  order: jax.Array
+
+
 _UNSEEN = -1e4  # log p_id of a token the head never saw (e^-10^4 = 0 in float32)
 
 
@@ -114,18 +123,28 @@ class Readout:
                     layer=self.layer, separator=self.separator, temperature=cfg.temperature,
                     top_p=cfg.top_p)
 
+  def joint_scores(self, h, head: ClassMeanHead, beta: float) -> JointScores:
+    """The joint readout's temperature-free part for h [B, n, d]: logits_LM[i-1] + β log p_id
+    for positions 1..n-1, sorted once (descending) so that draws at any temperature reuse it."""
+    h = jnp.asarray(h, jnp.float32)
+    return JointScores(*_joint_scores(self.graphdef, self.state, h, head.norm.forward(h),
+                                      jnp.asarray(head.means), jnp.asarray(head.ids),
+                                      jnp.float32(head.temperature), jnp.float32(beta),
+                                      layer=self.layer, vocab=head.vocab_size))
+
+  def draw(self, scores: JointScores, key, temperature: float, top_p: float) -> jax.Array:
+    """tokens [B, n]: the separator, then a top-p draw at `temperature` (0 = argmax) per
+    position of `scores` (temperature is traced: no recompilation per value)."""
+    nxt = (scores.order[..., 0] if temperature == 0 else
+           _draw_sorted(scores.values, scores.order, key, jnp.float32(temperature), top_p=top_p))
+    return jnp.concatenate([jnp.full((nxt.shape[0], 1), self.separator, jnp.int32), nxt], axis=1)
+
   def joint(self, h, head: ClassMeanHead, key, cfg: ReadoutConfig,
             temperature: float | None = None) -> jax.Array:
-    """tokens [B, n] of the joint readout of h [B, n, d] (token 0 = separator); `temperature`
-    overrides cfg.temperature (traced: re-reading at other temperatures does not recompile)."""
-    h = jnp.asarray(h, jnp.float32)
+    """tokens [B, n] of the joint readout of h [B, n, d] (token 0 = separator);
+    `temperature` overrides cfg.temperature."""
     t = cfg.temperature if temperature is None else temperature
-    z = head.norm.forward(h)
-    return _joint(self.graphdef, self.state, h, z, jnp.asarray(head.means), jnp.asarray(head.ids),
-                  key, jnp.float32(max(t, 1e-6)), jnp.float32(head.temperature),
-                  jnp.float32(cfg.beta),
-                  layer=self.layer, separator=self.separator, vocab=head.vocab_size,
-                  greedy=t == 0, top_p=cfg.top_p)
+    return self.draw(self.joint_scores(h, head, cfg.beta), key, t, cfg.top_p)
 
   def template(self, num: int, length: int, prompt: list[int] | None = None):
     """(tokens, known) for unconditional generation (position 0 = separator known) or a
@@ -229,10 +248,9 @@ def _lm_head(graphdef, state, h, key, *, layer, separator, temperature, top_p):
   return jnp.concatenate([jnp.full((b, 1), separator, jnp.int32), nxt], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "separator", "vocab", "greedy", "top_p"))
-def _joint(graphdef, state, h, z, means, ids, key, temperature, tau, beta, *, layer, separator,
-           vocab, greedy, top_p):
-  """The joint readout (module docstring) of h [B, n, d] with z = the head's normalized h."""
+@functools.partial(jax.jit, static_argnames=("layer", "vocab"))
+def _joint_scores(graphdef, state, h, z, means, ids, tau, beta, *, layer, vocab):
+  """(values, order) [B, n-1, V]: the joint scores of positions 1..n-1 sorted descending."""
   lm = nnx.merge(graphdef, state).upper(h, layer)[:, :-1]  # [B, n-1, V]: logits[t] -> t + 1
   scores = (2.0 * jnp.einsum("bnd,vd->bnv", z[:, 1:], means, preferred_element_type=jnp.float32)
             - jnp.sum(jnp.square(means), axis=-1))
@@ -240,12 +258,16 @@ def _joint(graphdef, state, h, z, means, ids, key, temperature, tau, beta, *, la
   # Tokens never seen in training have p_id = 0: a finite floor keeps β = 0 exactly lm_head.
   combined = lm.at[..., ids].add(beta * log_id) + jnp.where(
       jnp.zeros((vocab,), bool).at[ids].set(True), 0.0, beta * _UNSEEN)
-  if greedy:
-    nxt = jnp.argmax(combined, axis=-1).astype(jnp.int32)
-  else:
-    logits = combined / temperature
-    if top_p < 1.0:
-      logits = top_p_filter(logits, top_p)
-    nxt = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-  b = h.shape[0]
-  return jnp.concatenate([jnp.full((b, 1), separator, jnp.int32), nxt], axis=1)
+  order = jnp.argsort(-combined, axis=-1, stable=True).astype(jnp.int32)
+  return jnp.take_along_axis(combined, order, axis=-1), order
+
+
+@functools.partial(jax.jit, static_argnames=("top_p",))
+def _draw_sorted(values, order, key, temperature, *, top_p):
+  """Top-p draws [B, m] from descending-sorted logits values [B, m, V] (token ids `order`):
+  the smallest prefix whose probability mass at `temperature` reaches top_p."""
+  logits = values / temperature
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+  rank = jax.random.categorical(key, jnp.where(keep, logits, -jnp.inf), axis=-1)
+  return jnp.take_along_axis(order, rank[..., None], axis=-1)[..., 0]
