@@ -69,7 +69,7 @@ class ClassMeanHead:
       order = np.lexsort((cols, rows))
       rows, cols = rows[order], cols[order]
     z = np.asarray(norm.forward(np.stack([states[r, c] for r, c in zip(rows, cols)])))
-    scores = _scores(jnp.asarray(z), jnp.asarray(means))  # [P, V']
+    scores = class_scores(jnp.asarray(z), jnp.asarray(means))  # [P, V']
     index = jnp.asarray(np.searchsorted(seen, np.asarray(tokens)[rows, cols]))
     best = optimize.minimize_scalar(lambda log_tau: float(_nll(scores, index, log_tau)),
                                     bounds=_LOG_TAU_BOUNDS, method="bounded")
@@ -77,7 +77,7 @@ class ClassMeanHead:
 
   def logits(self, h: jax.Array) -> jax.Array:
     """[..., V'] float32: -||z - μ_v||² / τ up to a per-position constant (z = norm(h))."""
-    return _scores(self.norm.forward(jnp.asarray(h, jnp.float32)), jnp.asarray(self.means)) \
+    return class_scores(self.norm.forward(jnp.asarray(h, jnp.float32)), jnp.asarray(self.means)) \
         / self.temperature
 
   def log_probs(self, h: jax.Array) -> jax.Array:
@@ -99,8 +99,9 @@ def _nll(scores, index, log_tau):
   return -jnp.mean(jnp.take_along_axis(logp, index[:, None], axis=-1))
 
 
-def _scores(z: jax.Array, means: jax.Array) -> jax.Array:
-  """2 z·μ - ||μ||² = ||z||² - ||z - μ||² [..., V'] (float32 accumulation)."""
+def class_scores(z: jax.Array, means: jax.Array) -> jax.Array:
+  """2 z·μ - ||μ||² = ||z||² - ||z - μ||² [..., V'] (float32 accumulation): the head's logits
+  times τ, up to a per-position constant."""
   return (2.0 * jnp.einsum("...d,vd->...v", z, means, preferred_element_type=jnp.float32)
           - jnp.sum(jnp.square(means), axis=-1))
 
@@ -109,4 +110,4 @@ def _scores(z: jax.Array, means: jax.Array) -> jax.Array:
 def nearest_rows(z, rows, ids):
   """ids[argmin_r ||z - rows_r||²] [B, n] for z [B, n, d], rows [R, d], ids [R]; one batch
   row at a time (memory ~ n x R)."""
-  return jax.lax.map(lambda x: ids[jnp.argmax(_scores(x, rows), axis=-1)], z)
+  return jax.lax.map(lambda x: ids[jnp.argmax(class_scores(x, rows), axis=-1)], z)

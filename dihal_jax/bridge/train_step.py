@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dihal_jax.backbone.model import param_shardings
 from dihal_jax.bridge import diffusion
+from dihal_jax.bridge.token_head import class_scores
 from dihal_jax.data.hidden import batch_sharding
 from dihal_jax.parallel.sharding import Rules, put_global
 
@@ -197,10 +198,7 @@ def token_loss(x0_hat: jax.Array, tokens: jax.Array, unknown_mask: jax.Array,
   head: {"means": [V', d] class means (normalized space), "class_of": [V] int32 row of each
   token id, "tau": scalar} from a ClassMeanHead.
   """
-  means = head["means"]
-  scores = (2.0 * jnp.einsum("bnd,vd->bnv", x0_hat, means, preferred_element_type=jnp.float32)
-            - jnp.sum(jnp.square(means), axis=-1)) / head["tau"]
-  logp = jax.nn.log_softmax(scores, axis=-1)
+  logp = jax.nn.log_softmax(class_scores(x0_hat, head["means"]) / head["tau"], axis=-1)
   nll = -jnp.take_along_axis(logp, head["class_of"][tokens][..., None], axis=-1)[..., 0]
   weight = jnp.asarray(unknown_mask, jnp.float32)
   return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)

@@ -53,7 +53,7 @@ from flax import nnx
 from dihal_jax.backbone.generate import sample_next
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge import diffusion
-from dihal_jax.bridge.token_head import ClassMeanHead, nearest_rows
+from dihal_jax.bridge.token_head import ClassMeanHead, class_scores, nearest_rows
 from dihal_jax.errors import UserInputError
 
 MODES = ("blockwise", "lm_head", "refine", "identity", "joint")
@@ -252,9 +252,7 @@ def _lm_head(graphdef, state, h, key, *, layer, separator, temperature, top_p):
 def _joint_scores(graphdef, state, h, z, means, ids, tau, beta, *, layer, vocab):
   """(values, order) [B, n-1, V]: the joint scores of positions 1..n-1 sorted descending."""
   lm = nnx.merge(graphdef, state).upper(h, layer)[:, :-1]  # [B, n-1, V]: logits[t] -> t + 1
-  scores = (2.0 * jnp.einsum("bnd,vd->bnv", z[:, 1:], means, preferred_element_type=jnp.float32)
-            - jnp.sum(jnp.square(means), axis=-1))
-  log_id = jax.nn.log_softmax(scores / tau, axis=-1)  # [B, n-1, V']
+  log_id = jax.nn.log_softmax(class_scores(z[:, 1:], means) / tau, axis=-1)  # [B, n-1, V']
   # Tokens never seen in training have p_id = 0: a finite floor keeps β = 0 exactly lm_head.
   combined = lm.at[..., ids].add(beta * log_id) + jnp.where(
       jnp.zeros((vocab,), bool).at[ids].set(True), 0.0, beta * _UNSEEN)
