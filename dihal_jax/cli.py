@@ -177,7 +177,8 @@ def _writable_file(path: Path) -> Path:
 def _plan(config, config_name: str) -> int:
   """`dihal plan`: needs --topology, no --workdir; prints the plan, --out writes its JSON."""
   from dihal_jax import reports
-  from dihal_jax.parallel import plan, topology
+  from dihal_jax.parallel import topology
+  from dihal_jax.planning import plan
 
   if not FLAGS.topology:
     return _fail(f"plan: --topology=NAME is required (one of {', '.join(topology.TOPOLOGIES)})")

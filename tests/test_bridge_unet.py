@@ -19,10 +19,9 @@ import optax
 import pytest
 from flax import nnx
 
-from dihal_jax.backbone.model import param_shardings
 from dihal_jax.bridge.unet import (Conv1D, GroupNorm, SelfAttention, UNet, UNetConfig,
                                    num_params, sinusoidal_embedding)
-from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
+from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh, param_shardings
 
 D, B, N = 60, 3, 16
 # The workhorse: two levels, attention at the coarse one, labels, self-conditioning, dropout.

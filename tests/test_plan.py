@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, load_config
 from dihal_jax.errors import UserInputError
-from dihal_jax.parallel import aot, plan
+from dihal_jax.planning import aot, plan
 from dihal_jax.parallel.topology import GIB, TOPOLOGIES, get_topology
 
 TIMEOUT_S = 600

@@ -34,9 +34,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dihal_jax.backbone.config import BackboneConfig
-from dihal_jax.backbone.model import Decoder, param_shardings
+from dihal_jax.backbone.model import Decoder
 from dihal_jax.errors import UserInputError
-from dihal_jax.parallel.sharding import Rules
+from dihal_jax.parallel.sharding import Rules, param_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

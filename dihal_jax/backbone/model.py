@@ -25,7 +25,7 @@ from flax import nnx
 
 from dihal_jax.backbone import rope
 from dihal_jax.backbone.config import BackboneConfig
-from dihal_jax.parallel.sharding import Rules, named_sharding
+from dihal_jax.parallel.sharding import Rules, param_shardings
 
 _INIT = nnx.initializers.normal(0.02)
 _MASKED = -1e30  # finite: a fully masked row (padding query) gives a uniform softmax, not NaN
@@ -308,21 +308,6 @@ class Decoder(nnx.Module):
     h, (cache_k, cache_v) = jax.lax.scan(body, self.embed_tokens(tokens),
                                          (state, cache_k, cache_v))
     return self.logits(h), cache_k, cache_v
-
-
-def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
-  """NamedSharding per parameter from its `logical_axes` (stacked ones get "layers" first)."""
-
-  def sharding(path, var):
-    names = tuple(var.get_metadata()["logical_axes"])
-    if getattr(path[0], "key", None) == "layers":
-      names = ("layers",) + names
-    if len(names) != var.ndim:
-      raise ValueError(f"{jax.tree_util.keystr(path)}: logical axes {names} vs shape {var.shape}")
-    return var.replace(named_sharding(mesh, names, rules, var.shape))
-
-  return jax.tree_util.tree_map_with_path(sharding, state,
-                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def init_model(cfg: BackboneConfig, *, mesh: jax.sharding.Mesh, rules: Rules, seed: int = 0,

@@ -53,11 +53,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dihal_jax.backbone.model import param_shardings
 from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.token_head import class_scores
-from dihal_jax.data.hidden import batch_sharding
-from dihal_jax.parallel.sharding import Rules, put_global
+from dihal_jax.parallel.sharding import Rules, batch_sharding, param_shardings, put_global
 
 T_MIN = 1e-3  # training times t ~ U(T_MIN, 1): avoids the degenerate t = 0
 

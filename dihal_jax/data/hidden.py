@@ -31,12 +31,11 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
 
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.data.pipeline import process_rows
 from dihal_jax.files import publish_dir
-from dihal_jax.parallel.sharding import Rules, logical_to_spec
+from dihal_jax.parallel.sharding import Rules, batch_sharding
 
 
 class ChannelStats:
@@ -67,11 +66,6 @@ class ChannelStats:
 
   def to_dict(self) -> dict:
     return {"count": self.count, "mean": self.mean.tolist(), "std": self.std.tolist()}
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int) -> NamedSharding:
-  """Batch dimension over the `batch` logical axis (data x fsdp), the rest replicated."""
-  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
 def hidden_fn(model: Decoder, layers: Sequence[int], mesh: jax.sharding.Mesh, rules: Rules):

@@ -29,10 +29,9 @@ from tqdm import tqdm
 
 from dihal_jax import reports
 from dihal_jax.backbone.model import Decoder
-from dihal_jax.data.hidden import batch_sharding
 from dihal_jax.errors import UserInputError
 from dihal_jax.geometry import proxies
-from dihal_jax.parallel.sharding import Rules
+from dihal_jax.parallel.sharding import Rules, batch_sharding
 
 PROXIES = ("erank", "curvature", "compactness", "stiffness")
 

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -112,6 +113,26 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None], rules: Rules,
                    shape: Sequence[int] | None = None) -> NamedSharding:
   """NamedSharding for an array with the given logical axis names."""
   return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+  """Batch dimension over the `batch` logical axis (data x fsdp), the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+  """NamedSharding per parameter from its `logical_axes` (stacked ones get "layers" first)."""
+
+  def sharding(path, var):
+    names = tuple(var.get_metadata()["logical_axes"])
+    if getattr(path[0], "key", None) == "layers":
+      names = ("layers",) + names
+    if len(names) != var.ndim:
+      raise ValueError(f"{jax.tree_util.keystr(path)}: logical axes {names} vs shape {var.shape}")
+    return var.replace(named_sharding(mesh, names, rules, var.shape))
+
+  return jax.tree_util.tree_map_with_path(sharding, state,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def put_global(tree, shardings):

@@ -23,7 +23,7 @@ How, without allocating anything:
   of the real UNet + loss (`residual_bytes`, from the jaxpr of `jax.vjp`),
   plus gradients and updates; the sampler's working set is bounded by the
   residuals of one forward.
-`parallel/aot.py` checks these numbers against XLA's own buffer assignment.
+`planning/aot.py` checks these numbers against XLA's own buffer assignment.
 
 Usage:
   report = make_plan(config, get_topology("v5e-8"), config_name="configs/x.py")
@@ -47,7 +47,7 @@ from jax.sharding import AbstractMesh
 from dihal_jax import reports
 from dihal_jax.backbone.checkpoint import backbone_config
 from dihal_jax.backbone.config import BackboneConfig
-from dihal_jax.backbone.model import Decoder, param_shardings
+from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge import denoiser, diffusion
 from dihal_jax.bridge.train_step import (OptimConfig, init_train_state, make_optimizer,
                                          state_shardings)
@@ -55,8 +55,9 @@ from dihal_jax.bridge.unet import UNet, UNetConfig
 from dihal_jax.errors import UserInputError
 from dihal_jax.geometry.locate import candidate_layers
 from dihal_jax.hybrid.readout import MODES
-from dihal_jax.parallel.sharding import MESH_AXES, Rules, logical_to_spec
+from dihal_jax.parallel.sharding import MESH_AXES, Rules, logical_to_spec, param_shardings
 from dihal_jax.parallel.topology import GIB, Topology, default_mesh
+from dihal_jax.planning import aot
 
 HEADROOM = 0.9  # usable share of a device's nominal memory (runtime, fragmentation, GB vs GiB)
 MFU = 0.4       # model FLOPs utilization assumed by the paper estimates
@@ -222,7 +223,7 @@ def weights_in_place(models: Models, mesh: Mapping[str, int], batch: int, length
   then the activations move (all-gathered inputs, float32 partial sums
   all-reduced) and every fsdp device holds its data shard's whole batch. It
   picks the smaller traffic; so does this model, per block: at DiHAL's small
-  batches the activations win (the HLO compiled by `parallel/aot.py` keeps
+  batches the activations win (the HLO compiled by `planning/aot.py` keeps
   the weights in place), from a few thousand tokens per data shard the weights.
   """
   if mesh["fsdp"] == 1:
@@ -443,7 +444,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: Topology, *, config_n
               mesh: Mapping[str, int] | None = None, compile: bool = False) -> dict:
   """The plan (JSON-ready): memory per phase on `mesh` (default: the config's preset for
   the topology), fits, a suggested mesh when it does not, the paper estimates, and with
-  `compile` XLA's memory analysis of the compiled programs (`parallel/aot.py`)."""
+  `compile` XLA's memory analysis of the compiled programs (`planning/aot.py`)."""
   models = Models(config)
   mesh = dict(mesh) if mesh is not None else mesh_for(config, topology)
   layer = interface_layer(config, models.cfg.num_layers)
@@ -474,9 +475,28 @@ def make_plan(config: ml_collections.ConfigDict, topology: Topology, *, config_n
       "estimates": estimates(models, topology, layer), "notes": notes,
   }
   if compile:
-    from dihal_jax.parallel import aot  # imports this module
-    report["compiled"] = aot.compile_programs(models, mesh, layer)
+    report["compiled"] = compiled_programs(models, mesh, layer)
   return report
+
+
+def compiled_programs(models: Models, mesh: Mapping[str, int], layer: int) -> dict:
+  """`aot.compile_programs` on the 8-device form of `mesh`, each program beside the plan's
+  estimate of its per-device bytes on that same mesh."""
+  compiled = aot.compile_programs(models, mesh)
+  shape = compiled["mesh"]
+  estimated = memory(models, shape, layer)  # the plan on the compile mesh, to compare
+  per_device, acts = estimated["per_device_bytes"], estimated["activation_terms"]
+  config, cfg = models.config, models.cfg
+  programs = compiled["programs"]
+  programs["forward"]["estimate_total_bytes"] = per_device["locate"]["params"] + (
+      forward_activations(models, shape, batch=config.locate.batch_size,
+                          length=config.data.window, layers=cfg.num_layers, emit=0,
+                          head=True)["peak"])
+  train = per_device["train"]
+  programs["train_step"]["estimate_total_bytes"] = (
+      train["bridge_params"] + train["optimizer"]
+      + sum(v for k, v in acts["train"].items() if k.startswith("step_")))
+  return compiled
 
 
 # --- printing --------------------------------------------------------------------
