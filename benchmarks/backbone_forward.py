@@ -10,7 +10,7 @@ every hidden state h_0..h_L and the logits, as the DiHAL pipeline uses it:
 Each is warmed up (JAX: compiled), then timed `repeats` times, interleaved
 with the GEMM below; tokens/s = batch * tokens / median seconds.
 
-Why: the issue's targets are JAX/torch >= 1.5 and a GEMM fraction >= 0.6: the
+Why: the targets are JAX/torch >= 1.5 and a GEMM fraction >= 0.6: the
 JAX forward's achieved FLOP/s over that of a plain jitted float32 `jnp.dot` of a
 layer-sized GEMM ([batch*tokens, d] x [d, intermediate]) measured in the same
 run. FLOPs are the standard analytical matmul count: 2 * tokens * (matmul

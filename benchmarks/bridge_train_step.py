@@ -27,7 +27,7 @@ time is the median (the minimum is printed too). torch.compile is opt-in
 (`--torch-compile`): it works offline here, but inductor took ~3 minutes to
 compile this step on 2 cores.
 
-Why: the issue's target is a JAX/torch speed ratio (torch median / JAX median)
+Why: the target is a JAX/torch speed ratio (torch median / JAX median)
 >= 1.2 for the bridge's training step on CPU with the same thread count.
 
 Threads: `--threads` (default os.cpu_count()). torch: torch.set_num_threads.

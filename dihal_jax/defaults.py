@@ -27,7 +27,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.hf_config = ml_collections.ConfigDict()  # HF config.json fields (presets only)
   c.model.dtype = "float32"  # compute dtype of matmuls (norms/softmax stay float32)
   c.model.param_dtype = "float32"  # storage dtype of params
-  # The document separator every window starts with (DESIGN.md "Position 0");
+  # The document separator every window starts with (docs/design.md, "Position 0");
   # falls back to the tokenizer's BOS when the vocabulary lacks it.
   c.model.separator = "<|endoftext|>"
 
@@ -70,7 +70,7 @@ def base() -> ml_collections.ConfigDict:
   c.locate.flat_dim = 4  # m: curvature = 1 - top-m eigenvalue share of the local covariance
   c.locate.pairs = 4096  # S pairs for stiffness (and the median pairwise distance)
   c.locate.ridge = 1e-3  # γ in P = (cov + γ tr(cov)/d I)^-1
-  # Score weights (signs: + stiffness, - curvature, - erank, - compactness; DESIGN.md).
+  # Score weights (signs: + stiffness, - curvature, - erank, - compactness; docs/design.md).
   c.locate.weights = ml_collections.ConfigDict(
       dict(stiffness=1.0, curvature=-1.0, erank=-1.0, compactness=-1.0))
 

@@ -1,6 +1,6 @@
 """End to end on the embedded SmolLM2-135M (GGUF -> safetensors -> JAX), through the CLI.
 
-The issue's fp32 targets: mean KL <= 1e-6, max |Δlogit| <= 1e-3, 32 greedy
+The fp32 parity targets: mean KL <= 1e-6, max |Δlogit| <= 1e-3, 32 greedy
 tokens equal to `transformers` generate.
 """
 

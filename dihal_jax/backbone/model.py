@@ -1,6 +1,6 @@
 """Decoder-only transformer (Llama-3.x / Qwen3) in Flax NNX, with the DiHAL split.
 
-Hidden-state index (DESIGN.md): h_0 is the embedding output, h_l the output of
+Hidden-state index (docs/design.md): h_0 is the embedding output, h_l the output of
 block l (1..L) *before* the final norm. `lower(tokens, l)` returns h_l,
 `upper(h, l)` runs blocks l+1..L, the final norm and the LM head, so
 `upper(lower(x, l), l) == forward(x)` for every l.

@@ -1,6 +1,6 @@
 """Normalization of h_l for the bridge: the space the denoiser works in.
 
-DESIGN.md "crux": per-channel scaling gives the few massive-activation
+docs/design.md, "Normalization": per-channel scaling gives the few massive-activation
 channels (std up to ~90 on SmolLM2) the same weight as the rest, so the
 normalization is a config choice:
   per_channel  z = (h - mean) / std_c

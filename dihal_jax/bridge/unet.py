@@ -1,4 +1,4 @@
-"""1D UNet over positions: the denoiser of the DiHAL bridge (DESIGN.md "Bridge").
+"""1D UNet over positions: the denoiser of the DiHAL bridge (docs/design.md, "Bridge").
 
 What: given a noised, standardized hidden-state window x_t [B, n, d], the
 diffusion time t [B] in [0, 1], a mask of *known* positions with their clean

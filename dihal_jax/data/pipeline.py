@@ -2,7 +2,7 @@
 
 A window is the document separator followed by the next `length - 1` tokens
 of the concatenated token stream of a split (chapters joined by the
-separator), so every window starts with the same token (DESIGN.md,
+separator), so every window starts with the same token (docs/design.md,
 "Position 0"). The pipeline:
 
   MapDataset.source(tfds data source) .shuffle(seed) .repeat(epochs)

@@ -1,11 +1,11 @@
 """`dihal eval`: every method's samples and the reference rows, measured by the same judges.
 
-Rows (DESIGN.md "Evaluation" and "crux"; `eval.methods` picks them):
+Rows (docs/design.md, "Evaluation protocol" and "the crux"; `eval.methods` picks them):
   real_text            held-out windows themselves.
   oracle               the default readout (sample.readout; `refine` reads as `lm_head`)
                        applied to the *true* h_l* of held-out windows: a perfect bridge.
   oracle_lm_head       per-position LM-head draws (sample.temperature / top_p) of the
-                       true h_l*: the literal readout, not self-consistent (DESIGN.md crux).
+                       true h_l*: the literal readout, not self-consistent (the crux).
   ar_backbone, unigram_sampler, bigram_sampler, dihal, dihal_<mode>, dihal_l0,
   embedding_rounding   generated rows (eval/rows.py); the two samplers are calibration
                        rows: what a trivial generator scores under each judge.

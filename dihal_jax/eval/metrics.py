@@ -1,4 +1,4 @@
-"""Metrics of generated samples (DESIGN.md "Evaluation"), as pure functions.
+"""Metrics of generated samples (docs/design.md, "Evaluation protocol"), as pure functions.
 
 Token sequences (`seqs`) are a list of int sequences (lengths may differ) or an
 int array [N, T], one row per sequence; ids must lie in 0..2^32-1. n-grams are
@@ -26,7 +26,7 @@ length L has max(L - n + 1, 0) of them. Ratios whose denominator is empty are 0.
 - spread_ratio(generated, real) = sqrt(mean_c var_gen[c]) / sqrt(mean_c var_real[c])
   for arrays [..., d]: var[c] is channel c's population variance (ddof 0) over
   every leading index pooled; i.e. the ratio of RMS per-channel stds. 1 = the
-  data's spread, < 1 = over-smoothed samples (the crux section).
+  data's spread, < 1 = over-smoothed samples.
 - token_accuracy(pred, target, mask) = share of positions (where mask is True)
   with pred == target.
 """

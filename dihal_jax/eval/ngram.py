@@ -1,6 +1,6 @@
 """An interpolated Kneser–Ney n-gram LM over token ids: the in-domain fluency judge.
 
-Independent of the backbone (DESIGN.md "Evaluation"): fit on the train split's
+Independent of the backbone (docs/design.md, "Evaluation protocol"): fit on the train split's
 windows only, it punishes off-domain drift that the backbone's own perplexity
 rewards. Everything is vectorised with NumPy (np.unique / bincount /
 searchsorted over integer keys); no per-token Python loop.

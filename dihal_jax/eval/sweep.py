@@ -19,8 +19,9 @@ their validation losses do. Reported:
   * for n ≤ 8 layers, the exact two-sided permutation p of each ρ (with n ≤ 4
     layers no ρ can reach p < 0.05: the smallest possible p is 2/n!).
 
-Why: DESIGN.md's score weights are a prior. The sweep is the experiment that
-checks them (issue 7), and says so plainly when they do not predict the loss.
+Why: the score weights (docs/design.md, "Geometry proxies and the score") are a
+prior. The sweep is the experiment that checks them, and says so plainly when
+they do not predict the loss.
 
 Validation loss of a layer: the EMA model's loss on the fixed validation batch
 (bridge/train.py), read from `layer_<l>/metrics.jsonl`. It is the mean of the

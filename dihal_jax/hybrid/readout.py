@@ -1,6 +1,6 @@
 """Readouts: hidden states h_l -> tokens, and the hybrid generators built on them.
 
-DESIGN.md "Readout and generation: the crux". The LM head at position t
+docs/design.md, "Readout and generation: the crux". The LM head at position t
 predicts token t+1 given the sequence the states came from, so reading a
 generated h_l sequence out position by position is not self-consistent.
 The modes (`MODES`), all measured by `dihal eval`:
