@@ -111,6 +111,22 @@ def base() -> ml_collections.ConfigDict:
   c.train.cache_windows = 4096  # train windows whose h_l is cached (the training set)
   c.train.val_windows = 256  # validation windows (fixed batch, fixed key)
 
+  c.mdm = ml_collections.ConfigDict()  # dihal mdm: the backbone post-trained into an MDM (mdm/)
+  c.mdm.steps = -1  # optimizer steps; -1 = the bridge's budget (train.steps x train.batch_size windows)
+  c.mdm.batch_size = 16  # global windows per step
+  c.mdm.lr = 1e-4  # all weights are trained: a fine-tuning rate, not the bridge's
+  c.mdm.warmup_steps = 50
+  c.mdm.weight_decay = 0.01
+  c.mdm.clip_norm = 1.0
+  c.mdm.ema_decay = 0.999  # sampling uses the EMA (warmed up as in train.ema_decay)
+  c.mdm.mask_id = -1  # absorbing-state token id; -1 = the tokenizer's mask or an unused special
+  c.mdm.shift = True  # logits at i-1 predict the masked token at i (the AR head keeps its meaning)
+  c.mdm.anneal_steps = 0  # causal -> bidirectional: causal OR Bernoulli(r), r = step/anneal_steps
+  c.mdm.checkpoint_every = 100
+  c.mdm.max_to_keep = 2
+  c.mdm.log_every = 10
+  c.mdm.val_every = 50
+
   c.sample = ml_collections.ConfigDict()  # dihal sample (hybrid/sample.py, hybrid/readout.py)
   c.sample.num = 64  # samples
   c.sample.length = 0  # positions per sample; 0 = data.window
@@ -124,6 +140,9 @@ def base() -> ml_collections.ConfigDict:
   c.sample.renoise_t = 0.3  # refine: re-noise level
   c.sample.gap = 8  # infill: positions per [___]
   c.sample.batch = 32  # samples per jitted call
+  c.sample.method = "bridge"  # dihal sample: "bridge" (DiHAL) or "mdm" (the dihal mdm model)
+  c.sample.unmask = "confidence"  # mdm: which masked positions a step reveals: confidence | random
+  c.sample.mdm_block = 0  # mdm: semi-autoregressive blocks of this many positions (0 = one block)
 
   c.eval = ml_collections.ConfigDict()  # dihal eval (eval/evaluate.py)
   c.eval.methods = ""  # comma-separated rows; empty = all (evaluate.METHODS)

@@ -59,3 +59,39 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+  """Drops the rows of a metrics.jsonl log past `step` (and a torn last line): a resumed
+  run logs those steps again."""
+  path = Path(path)
+  if not path.exists():
+    return
+
+  def logged_step(line: str) -> int | None:
+    try:
+      return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+      return None
+
+  kept = [line for line in path.read_text().splitlines()
+          if logged_step(line) is not None and logged_step(line) <= step]
+  write_text(path, "".join(line + "\n" for line in kept))
+
+
+def plot_loss(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+  """loss.png of a training log: train loss per step and the validation loss (EMA) points."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+  val = [r for r in rows if "val_loss" in r]
+  if val:
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (EMA)")
+  ax.set_xlabel("step")
+  ax.set_yscale("log")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return save_figure(fig, path)

@@ -213,28 +213,31 @@ class Decoder(nnx.Module):
     return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
-  def _context(self, tokens_shape, positions, mask):
-    """Default positions (0..T-1) and the causal + key-padding mask [B, T, T]."""
+  def _context(self, tokens_shape, positions, mask, attention=None):
+    """Default positions (0..T-1) and the attention mask [B, T, T]: `attention` ([T, T] or
+    [B, T, T], True = query i sees key j; default causal) & the key-padding `mask`."""
     b, t = tokens_shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    causal = jnp.tril(jnp.ones((t, t), bool))[None]
-    full_mask = causal if mask is None else causal & mask[:, None, :].astype(bool)
+    pattern = jnp.tril(jnp.ones((t, t), bool)) if attention is None else attention.astype(bool)
+    pattern = pattern if pattern.ndim == 3 else pattern[None]
+    full_mask = pattern if mask is None else pattern & mask[:, None, :].astype(bool)
     cos, sin = rope.rotary_cos_sin(positions, rope.inverse_frequencies(self.cfg))
     return cos, sin, jnp.broadcast_to(full_mask, (b, t, t))
 
   def run_layers(self, h: jax.Array, start: int, stop: int, *, positions=None, mask=None,
-                 emit: bool = False):
+                 emit: bool = False, attention=None):
     """Runs blocks start+1..stop (1-based) on h_start, returning h_stop.
 
     With `emit`, also returns every intermediate state stacked: [stop-start, B, T, D],
-    entry i = h_{start+1+i} (one scan; the last entry is h_stop).
+    entry i = h_{start+1+i} (one scan; the last entry is h_stop). `attention`: the
+    attention pattern (see `_context`; default causal).
     """
     if not 0 <= start <= stop <= self.cfg.num_layers:
       raise ValueError(f"layer range ({start}, {stop}) outside 0..{self.cfg.num_layers}")
     if start == stop:
       return (h, h[None][:0]) if emit else h
-    cos, sin, full_mask = self._context(h.shape[:2], positions, mask)
+    cos, sin, full_mask = self._context(h.shape[:2], positions, mask, attention)
     graphdef, state = nnx.split(self.layers)
     state = jax.tree.map(lambda a: a[start:stop], state)
 
@@ -247,10 +250,15 @@ class Decoder(nnx.Module):
 
   # --- the DiHAL interface ---------------------------------------------------
 
-  def __call__(self, tokens: jax.Array, *, positions=None, mask=None) -> jax.Array:
-    """forward(tokens [B, T]) -> float32 logits [B, T, V]. mask [B, T]: True = real token."""
-    return self.upper(self.lower(tokens, self.cfg.num_layers, positions=positions, mask=mask),
-                      self.cfg.num_layers, positions=positions, mask=mask)
+  def __call__(self, tokens: jax.Array, *, positions=None, mask=None,
+               attention=None) -> jax.Array:
+    """forward(tokens [B, T]) -> float32 logits [B, T, V]. mask [B, T]: True = real token;
+    attention: [T, T] or [B, T, T] pattern, True = query i sees key j (default causal; a
+    masked diffusion model passes a bidirectional one)."""
+    chex.assert_rank(tokens, 2)
+    h = self.run_layers(self.embed_tokens(tokens), 0, self.cfg.num_layers, positions=positions,
+                        mask=mask, attention=attention)
+    return self.logits(h)
 
   def lower(self, tokens: jax.Array, layer: int, *, positions=None, mask=None) -> jax.Array:
     """h_layer [B, T, D]: embedding, then blocks 1..layer."""

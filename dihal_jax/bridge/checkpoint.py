@@ -234,20 +234,23 @@ class BridgeCheckpointer:
     self._manager.close()
 
 
-def read_latest(directory: str | os.PathLike, make_abstract_state) -> tuple[int, Any, dict, dict]:
+def read_latest(directory: str | os.PathLike, make_abstract_state, *,
+                what: str = "bridge checkpoints (run `dihal train` first)"
+                ) -> tuple[int, Any, dict, dict]:
   """(step, state, extra, config) of the newest step, for inference (no data iterator).
 
   `make_abstract_state(config, extra) -> abstract state tree`: the stored config
-  and extra come first, so the caller can build the model they describe.
+  and extra come first, so the caller can build the model they describe. `what` names
+  the missing thing in the error.
   """
   directory = epath.Path(os.path.abspath(directory))
   if not directory.is_dir():
-    raise UserInputError(f"no bridge checkpoints in {directory} (run `dihal train` first)")
+    raise UserInputError(f"no {what} in {directory}")
   manager = ocp.CheckpointManager(directory)
   try:
     step = manager.latest_step()
     if step is None:
-      raise UserInputError(f"no bridge checkpoints in {directory} (run `dihal train` first)")
+      raise UserInputError(f"no {what} in {directory}")
     meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                          extra=ocp.args.JsonRestore()))
     abstract = make_abstract_state(meta["config"], meta["extra"])

@@ -1,0 +1,1 @@
+"""Masked (absorbing-state) diffusion post-trained from the backbone: the MDLM baseline."""

@@ -1,0 +1,35 @@
+"""Attention patterns of a masked diffusion model post-trained from a causal backbone.
+
+An MDM sees the whole window: attention is bidirectional. Switching a causal model to
+bidirectional at once perturbs every layer; DiffuLLaMA anneals instead: during the first
+`anneal_steps` each query sees its causal past plus each future key with probability r,
+r rising linearly from 0 to 1. After the annealing (or with anneal_steps = 0) the pattern
+is fully bidirectional. Patterns are bool [B, T, T], True = query i sees key j.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def anneal_rate(step, anneal_steps: int) -> jax.Array:
+  """r at optimizer step `step` (0-based): min(1, step / anneal_steps); 1 when not annealing."""
+  if anneal_steps <= 0:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / anneal_steps)
+
+
+def annealed_pattern(key: jax.Array, batch: int, length: int, rate) -> jax.Array:
+  """bool [batch, T, T]: causal OR Bernoulli(rate) per (query, key) pair.
+
+  rate = 0 gives the causal pattern, rate = 1 the bidirectional one.
+  """
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  extra = jax.random.bernoulli(key, rate, (batch, length, length))
+  return causal[None] | extra
+
+
+def bidirectional(batch: int, length: int) -> jax.Array:
+  """bool [batch, T, T], all True."""
+  return jnp.ones((batch, length, length), bool)
