@@ -26,7 +26,7 @@ from dihal_jax.backbone import checkpoint
 from dihal_jax.data.dataset import Data
 from dihal_jax.defaults import load_config_file
 from dihal_jax.geometry import locate
-from dihal_jax.parallel.sharding import make_mesh
+from dihal_jax.parallel.sharding import mesh_and_rules
 from dihal_jax.reports import write_json
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "smollm2_135m.py"
@@ -43,7 +43,7 @@ def main() -> None:
   workdir = tempfile.mkdtemp()
   data = Data.from_config(config, workdir)
   model = checkpoint.load_backbone(config, checkpoint.checkpoint_dir(config, workdir))
-  mesh, rules = make_mesh(config.mesh.to_dict()), tuple(config.logical_axis_rules)
+  mesh, rules = mesh_and_rules(config)
   candidates = locate.candidate_layers(c.layers, model.cfg.num_layers)
   num_batches = args.num_tokens // (c.batch_size * (data.window - 1))
   batches = list(itertools.islice(data.windows("train", batch_size=c.batch_size),

@@ -230,10 +230,10 @@ def _run(command: str, config, workdir: Path) -> int:
     ok = True
   elif command == "sample":
     from dihal_jax.hybrid import sample
-    with config.unlocked():
-      for name in ("num", "length", "steps", "readout"):
-        if getattr(FLAGS, name) is not None:
-          setattr(config.sample, name, getattr(FLAGS, name))
+    from dihal_jax.overrides import overridden
+    config = overridden(config, {f"sample.{name}": getattr(FLAGS, name)
+                                 for name in ("num", "length", "steps", "readout")
+                                 if getattr(FLAGS, name) is not None})
     prompts = FLAGS.prompt
     if len(prompts) > 1:
       return _fail("sample: give at most one --prompt")

@@ -25,6 +25,7 @@ from dihal_jax.backbone import checkpoint, parity  # noqa: E402
 from dihal_jax.backbone.generate import generate  # noqa: E402
 from dihal_jax.errors import UserInputError  # noqa: E402
 from dihal_jax.geometry import locate  # noqa: E402
+from dihal_jax.overrides import overridden  # noqa: E402
 
 DEMO_PROMPTS = (
     "Emma Woodhouse, handsome, clever, and rich, with a comfortable home",
@@ -97,15 +98,7 @@ def apply_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   name = config.demo.preset
   if name not in PRESETS:
     raise UserInputError(f"demo.preset={name!r}: expected one of {', '.join(PRESETS)}")
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for path, value in PRESETS[name].items():
-      *parents, field = path.split(".")
-      node = config
-      for parent in parents:
-        node = node[parent]
-      setattr(node, field, value)
-  return config
+  return overridden(config, PRESETS[name])
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:

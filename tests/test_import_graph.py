@@ -2,7 +2,7 @@
 
 Layers, bottom to top (docs/design.md states the same order):
 
-  errors, files, reports, assets -> parallel -> backbone -> data -> geometry -> bridge
+  errors, files, reports, overrides, assets -> parallel -> backbone -> data -> geometry -> bridge
   -> hybrid -> mdm -> eval -> planning -> settings, defaults, demo, cli
 
 Every module under dihal_jax/ is parsed with `ast` (function-level imports included) and each
@@ -19,7 +19,7 @@ import pytest
 import dihal_jax
 
 LAYERS = (
-    ("__init__", "errors", "files", "reports", "assets"),
+    ("__init__", "errors", "files", "reports", "overrides", "assets"),
     ("parallel",),
     ("backbone",),
     ("data",),

@@ -122,3 +122,24 @@ def test_a_one_article_per_line_folder_end_to_end(tmp_path):
   assert np.isfinite(report["results"]["dihal"]["ngram_ppl"])
   samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
   assert len(samples) == 2
+
+
+def test_overridden_sets_existing_fields_and_rejects_unknown_ones(monkeypatch):
+  """One override mechanism (presets, sweep, ablation, eval's l = 0 bridge, `sample` flags):
+  a path of no field raises, even on an unlocked config, and the input is left unchanged."""
+  from dihal_jax import demo
+  from dihal_jax.overrides import overridden
+  config = load_config("tiny_llama")
+  assert not config.is_locked
+  changed = overridden(config, {"train.steps": 7, "bridge.unet.channels": 8})
+  assert (changed.train.steps, changed.bridge.unet.channels) == (7, 8)
+  assert config.train.steps != 7
+  for typo in ({"train.stepz": 1}, {"trian.steps": 1}, {"bridge.unet.chanels": 8}):
+    with pytest.raises(KeyError):
+      overridden(config, typo)
+  with pytest.raises(TypeError):  # ml_collections' type check: an int field stays an int
+    overridden(config, {"train.steps": "many"})
+  monkeypatch.setitem(demo.PRESETS, "quick", {"train.stepz": 1})
+  config.demo.preset = "quick"
+  with pytest.raises(KeyError):
+    demo.apply_preset(config)

@@ -26,7 +26,7 @@ from dihal_jax.backbone.embedded import resolve_checkpoint
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.errors import UserInputError
 from dihal_jax.files import publish_dir
-from dihal_jax.parallel.sharding import make_mesh
+from dihal_jax.parallel.sharding import mesh_and_rules
 
 
 def random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int) -> Path:
@@ -95,8 +95,8 @@ def backbone_config(config: ml_collections.ConfigDict) -> BackboneConfig:
 
 def load_backbone(config: ml_collections.ConfigDict, ckpt_dir: Path) -> Decoder:
   """Loads `ckpt_dir` onto the config's mesh with its dtypes."""
-  mesh = make_mesh(config.mesh.to_dict())
-  return load_model(ckpt_dir, mesh=mesh, rules=tuple(config.logical_axis_rules),
+  mesh, rules = mesh_and_rules(config)
+  return load_model(ckpt_dir, mesh=mesh, rules=rules,
                     dtype=jnp.dtype(config.model.dtype),
                     param_dtype=jnp.dtype(config.model.param_dtype))
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -33,17 +32,18 @@ from tqdm import tqdm
 
 from dihal_jax import reports
 from dihal_jax.backbone import checkpoint as backbone_checkpoint
-from dihal_jax.bridge import denoiser, diffusion
+from dihal_jax.bridge import denoiser
 from dihal_jax.bridge.checkpoint import BridgeCheckpointer
 from dihal_jax.bridge.normalization import Normalizer, covariance, pca_components
-from dihal_jax.bridge.train_step import (OptimConfig, init_train_state, learning_rate,
-                                         make_optimizer, make_train_step, sample_known_mask)
+from dihal_jax.bridge.train_step import (OptimConfig, draw_corruption, init_train_state,
+                                         learning_rate, make_optimizer, make_train_step,
+                                         objective)
 from dihal_jax.bridge.token_head import ClassMeanHead
 from dihal_jax.data import hidden
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.geometry import locate
-from dihal_jax.parallel.sharding import make_mesh, put_global
+from dihal_jax.parallel.sharding import mesh_and_rules, put_global
 
 
 # The config sections that shape the trained state (a resume checks them), and the fields
@@ -90,7 +90,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   layer = interface_layer(config, workdir)
   if not 0 <= layer < backbone.cfg.num_layers:
     raise UserInputError(f"bridge.layer={layer}: expected 0..{backbone.cfg.num_layers - 1}")
-  mesh, rules = make_mesh(config.mesh.to_dict()), tuple(config.logical_axis_rules)
+  mesh, rules = mesh_and_rules(config)
   key_fields = {"model": hidden.checkpoint_fingerprint(ckpt_dir), "data": config.data.to_dict(),
                 "seed": config.seed}
   caches = {}
@@ -221,14 +221,8 @@ def _val_loss_fn(state, diffusion_cfg, key):
   @jax.jit
   def val_loss(state, x0):
     model = nnx.merge(graphdef, state.ema, state.rest)
-    b, n, _ = x0.shape
-    k_t, k_mask, k_noise = jax.random.split(key, 3)
-    t = jax.random.uniform(k_t, (b,), minval=1e-3, maxval=1.0)
-    mask = sample_known_mask(k_mask, b, n)
-    noise = jax.random.normal(k_noise, x0.shape)
-    x_t = jnp.where(mask[..., None], x0, diffusion.q_sample(x0, t, noise, diffusion_cfg.schedule))
-    out = model(x_t, t, mask, jnp.where(mask[..., None], x0, 0.0))
-    return diffusion.loss(out, x0, noise, t, ~mask, diffusion_cfg)
+    t, mask, noise = draw_corruption(jax.random.split(key, 3), x0)
+    return objective(model, x0, noise, t, mask, diffusion_cfg)[0]
 
   return val_loss
 

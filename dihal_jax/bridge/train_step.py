@@ -202,6 +202,46 @@ def token_loss(x0_hat: jax.Array, tokens: jax.Array, unknown_mask: jax.Array,
   return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def draw_corruption(keys, x0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(t [B], known_mask [B, n], noise [B, n, d]): the training distribution's draws for clean
+  windows x0 [B, n, d] -- t ~ U(T_MIN, 1), `sample_known_mask`, ε ~ N(0, I).
+  keys: (k_t, k_mask, k_noise)."""
+  k_t, k_mask, k_noise = keys
+  b, n, _ = x0.shape
+  t = jax.random.uniform(k_t, (b,), jnp.float32, T_MIN, 1.0)
+  return t, sample_known_mask(k_mask, b, n), jax.random.normal(k_noise, x0.shape, jnp.float32)
+
+
+def objective(model: nnx.Module, x0: jax.Array, noise: jax.Array, t: jax.Array,
+              known_mask: jax.Array, cfg: diffusion.DiffusionConfig, *,
+              labels: jax.Array | None = None, self_condition: jax.Array | bool | None = None,
+              deterministic: bool = True, x_t: jax.Array | None = None):
+  """The diffusion objective of the bridge: (loss, model output, x_t).
+
+  Known positions are given clean (`known`), the others noised to level t; the loss is
+  `diffusion.loss` (MSE to the prediction target over the unknown positions). Training,
+  validation and the plan's autodiff residuals all compute it here.
+
+  Args:
+    self_condition: for a denoiser with `cfg.self_condition`, which examples ([B] bool, or
+      True = all) see the first pass's x0 estimate (stop-gradient) in a second pass; the
+      others see zeros. None: one pass only, x0_prev None (as at the first sampling step).
+    x_t: the noised input when the caller already has it (default: from x0, noise, t).
+  """
+  mask = known_mask[..., None]
+  if x_t is None:
+    x_t = jnp.where(mask, x0, diffusion.q_sample(x0, t, noise, cfg.schedule))
+  known = jnp.where(mask, x0, 0.0)
+  x0_prev = None
+  if self_condition is not None and model.cfg.self_condition:
+    first = model(x_t, t, known_mask, known, labels, deterministic=deterministic)
+    estimate = jax.lax.stop_gradient(diffusion.predict_x0_eps(first, x_t, t, cfg)[0])
+    x0_prev = (estimate if self_condition is True
+               else jnp.where(jnp.asarray(self_condition)[:, None, None], estimate, 0.0))
+  out = model(x_t, t, known_mask, known, labels, x0_prev, deterministic=deterministic)
+  return diffusion.loss(out, x0, noise, t, ~known_mask, cfg), out, x_t
+
+
 def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
                labels: jax.Array | None = None, tokens: jax.Array | None = None,
                head: dict | None = None, *,
@@ -238,12 +278,8 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
   x0 = jnp.asarray(batch_x0, jnp.float32)
   k_t, k_mask, k_noise, k_drop, k_sc, k_label = jax.random.split(
       jax.random.fold_in(key, state.step), 6)
-  t = jax.random.uniform(k_t, (b,), jnp.float32, T_MIN, 1.0)
-  known_mask = sample_known_mask(k_mask, b, n)
-  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  mask = known_mask[..., None]
-  x_t = jnp.where(mask, x0, diffusion.q_sample(x0, t, noise, diffusion_cfg.schedule))
-  known = jnp.where(mask, x0, 0.0)
+  t, known_mask, noise = draw_corruption((k_t, k_mask, k_noise), x0)
+  use = jax.random.bernoulli(k_sc, self_condition_prob, (b,))
   if labels is not None:
     chex.assert_shape(labels, (b,))
     dropped = jax.random.bernoulli(k_label, label_dropout, (b,))
@@ -252,14 +288,8 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
   def loss_fn(params):
     model = nnx.merge(state.graphdef, params, state.rest, copy=True)
     _reseed(model, k_drop)
-    x0_prev = None
-    if model.cfg.self_condition:
-      first = model(x_t, t, known_mask, known, labels, deterministic=False)
-      estimate, _ = diffusion.predict_x0_eps(first, x_t, t, diffusion_cfg)
-      use = jax.random.bernoulli(k_sc, self_condition_prob, (b,))[:, None, None]
-      x0_prev = jnp.where(use, jax.lax.stop_gradient(estimate), 0.0)
-    out = model(x_t, t, known_mask, known, labels, x0_prev, deterministic=False)
-    mse = diffusion.loss(out, x0, noise, t, ~known_mask, diffusion_cfg)
+    mse, out, x_t = objective(model, x0, noise, t, known_mask, diffusion_cfg, labels=labels,
+                              self_condition=use, deterministic=False)
     ce = jnp.zeros((), jnp.float32)
     if token_ce:
       x0_hat, _ = diffusion.predict_x0_eps(out, x_t, t, diffusion_cfg)

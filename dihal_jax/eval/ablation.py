@@ -46,7 +46,8 @@ from dihal_jax.eval.judges import Judges
 from dihal_jax.hybrid.bridge_sampler import load_bridge
 from dihal_jax.hybrid.readout import Readout
 from dihal_jax.hybrid.sample import current_token_head, readout_config
-from dihal_jax.parallel.sharding import make_mesh
+from dihal_jax.overrides import overridden
+from dihal_jax.parallel.sharding import mesh_and_rules
 
 ROWS = {
     "unet_scratch": {"bridge.denoiser": "unet", "bridge.init": "scratch", "train.token_ce": 0.0},
@@ -67,15 +68,8 @@ JUDGED = ("gen_ppl", "gen_ppl_ci", "ngram_ppl", "ngram_ppl_ci", "mauve", "entrop
 def row_config(config: ml_collections.ConfigDict, overrides: dict,
                layer: int) -> ml_collections.ConfigDict:
   """config with one row's overrides at a fixed layer (a None value keeps the config's)."""
-  cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.bridge.layer = str(layer)
-    for path, value in overrides.items():
-      if value is None:
-        continue
-      section, field = path.split(".")
-      setattr(cfg[section], field, value)
-  return cfg
+  changes = {path: value for path, value in overrides.items() if value is not None}
+  return overridden(config, {"bridge.layer": str(layer), **changes})
 
 
 def matched_temperature(read, target: float) -> tuple[float, np.ndarray, bool]:
@@ -132,7 +126,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
   real_row = _judged(judges, real, reference)
   target = real_row["entropy"]
   real_h = np.asarray(reader.lower(real))
-  mesh = make_mesh(config.mesh.to_dict())
+  mesh, _ = mesh_and_rules(config)
 
   rows, head, oracle = {}, None, {}
   for i, (name, overrides) in enumerate(tqdm(chosen.items(), desc="ablate: eval",

@@ -64,7 +64,8 @@ from dihal_jax.eval.rows import CALIBRATION_ROWS, L0_ROWS, RowGenerators
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.hybrid.readout import MODES, Readout, nearest_embedding
 from dihal_jax.hybrid.sample import current_token_head, readout_config
-from dihal_jax.parallel.sharding import make_mesh
+from dihal_jax.overrides import overridden
+from dihal_jax.parallel.sharding import mesh_and_rules
 
 REFERENCE_ROWS = ("real_text", "oracle", "oracle_lm_head", "ar_backbone") + CALIBRATION_ROWS
 METHODS = REFERENCE_ROWS + ("dihal",) + tuple(f"dihal_{m}" for m in MODES) + L0_ROWS
@@ -105,11 +106,8 @@ def oracle_tokens(reader: Readout, real_h: np.ndarray, key, cfg, mode: str, head
 
 def _l0_bridge(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> TrainedBridge:
   """The l = 0 bridge of the same protocol, trained into workdir/l0 if needed."""
-  cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.bridge.layer = "0"
-  run_train(cfg, workdir / "l0", progress=progress)
-  return load_bridge(workdir / "l0", make_mesh(config.mesh.to_dict()), kind=config.bridge.denoiser)
+  run_train(overridden(config, {"bridge.layer": "0"}), workdir / "l0", progress=progress)
+  return load_bridge(workdir / "l0", mesh_and_rules(config)[0], kind=config.bridge.denoiser)
 
 
 def bridge_diagnostics(bridge: TrainedBridge, real_tokens: np.ndarray, real_h: np.ndarray,
@@ -182,7 +180,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   gens = RowGenerators(backbone, CountSampler.fit(train, backbone.cfg.vocab_size), cfg,
                        config.sample.readout, batch)
   if needs_main:
-    gens.main = load_bridge(workdir, make_mesh(config.mesh.to_dict()),
+    gens.main = load_bridge(workdir, mesh_and_rules(config)[0],
                             kind=config.bridge.denoiser)
     gens.readers["main"] = Readout(backbone, gens.main.layer, data.separator)
     gens.head = current_token_head(gens.main, backbone.cfg.vocab_size)

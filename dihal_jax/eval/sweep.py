@@ -56,6 +56,7 @@ import numpy as np
 from dihal_jax import reports
 from dihal_jax.errors import UserInputError
 from dihal_jax.geometry import locate
+from dihal_jax.overrides import overridden
 
 PROXIES = locate.PROXIES  # scored: the score is Σ_p w_p z_p over these
 RAW_PROXIES = tuple(f"{p}_raw" for p in PROXIES)  # reported by locate, not scored
@@ -185,16 +186,6 @@ def _val_loss(metrics_path: Path) -> tuple[float, list[int]]:
   return float(np.mean([r["val_loss"] for r in val])), [int(r["step"]) for r in val]
 
 
-def _layer_config(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
-  """A copy of `config` with `section.field=value` changes (dots as "__")."""
-  copy = config.copy_and_resolve_references()
-  with copy.unlocked():
-    for name, value in fields.items():
-      section, field = name.split("__")
-      copy[section][field] = value
-  return copy
-
-
 def ensure_locate(config: ml_collections.ConfigDict, workdir: Path, layers: Sequence[int],
                   num_layers: int, *, progress: bool = True) -> tuple[dict, bool]:
   """(locate report covering every swept layer ≥ 1, whether locate ran now)."""
@@ -210,7 +201,7 @@ def ensure_locate(config: ml_collections.ConfigDict, workdir: Path, layers: Sequ
     spec = ",".join(str(l) for l in sorted(set(base) | needed))
     print(f"sweep: running locate with locate.layers={spec} (to cover layers "
           f"{sorted(needed)})")
-    cfg = _layer_config(config, locate__layers=spec)
+    cfg = overridden(config, {"locate.layers": spec})
   report = locate.run_locate(cfg, workdir / "locate", progress=progress)
   reports.write_json(path, report)
   locate.plot(report, workdir / "locate" / "geometry.png")
@@ -242,7 +233,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, layers: li
   for layer in layers:
     if progress:
       print(f"sweep: layer {layer} ({layers.index(layer) + 1}/{len(layers)})")
-    run = train.run_train(_layer_config(config, bridge__layer=as_config(layer)),
+    run = train.run_train(overridden(config, {"bridge.layer": as_config(layer)}),
                           workdir / f"layer_{layer}", progress=progress)
     val_loss, val_steps = _val_loss(workdir / f"layer_{layer}" / "metrics.jsonl")
     geometry = by_layer.get(layer, {})

@@ -218,14 +218,13 @@ def run_locate(config: ml_collections.ConfigDict, workdir, *, progress: bool = T
   """`dihal locate`: stream the train split, score every candidate layer, pick ℓ*."""
   from dihal_jax.backbone import checkpoint
   from dihal_jax.data.dataset import Data
-  from dihal_jax.parallel.sharding import make_mesh
+  from dihal_jax.parallel.sharding import mesh_and_rules
 
   c = config.locate
   t0 = time.perf_counter()
   data = Data.from_config(config, workdir)
   model = checkpoint.load_backbone(config, checkpoint.checkpoint_dir(config, workdir))
-  mesh = make_mesh(config.mesh.to_dict())
-  rules = tuple(config.logical_axis_rules)
+  mesh, rules = mesh_and_rules(config)
   candidates = candidate_layers(c.layers, model.cfg.num_layers)
   per_batch = c.batch_size * (data.window - (1 if c.exclude_first else 0))
   num_batches = c.num_tokens // per_batch

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dihal_jax import reports
 from dihal_jax.backbone import checkpoint
 from dihal_jax.errors import UserInputError
-from dihal_jax.parallel.sharding import make_mesh
+from dihal_jax.parallel.sharding import mesh_and_rules
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.bridge.token_head import ClassMeanHead
 from dihal_jax.hybrid.readout import Readout, ReadoutConfig
@@ -72,7 +72,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str | Path, *, prompt
                infill: str = "", progress: bool = True) -> dict:
   workdir = Path(workdir)
   s = config.sample
-  bridge = load_bridge(workdir, make_mesh(config.mesh.to_dict()), kind=config.bridge.denoiser)
+  bridge = load_bridge(workdir, mesh_and_rules(config)[0], kind=config.bridge.denoiser)
   ckpt = checkpoint.checkpoint_dir(config, workdir)
   tokenizer = checkpoint.load_tokenizer(ckpt)
   if tokenizer is None:

@@ -84,6 +84,12 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   return Mesh(mesh_utils.create_device_mesh(sizes, devices), MESH_AXES)
 
 
+def mesh_and_rules(config) -> tuple[Mesh, Rules]:
+  """The mesh of `config.mesh` and the rules of `config.logical_axis_rules` (an ml_collections
+  config built on `defaults.base()`)."""
+  return make_mesh(config.mesh.to_dict()), tuple(config.logical_axis_rules)
+
+
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh,
                     shape: Sequence[int] | None = None) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec.

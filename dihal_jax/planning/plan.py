@@ -48,9 +48,9 @@ from dihal_jax import reports
 from dihal_jax.backbone.checkpoint import backbone_config
 from dihal_jax.backbone.config import BackboneConfig
 from dihal_jax.backbone.model import Decoder
-from dihal_jax.bridge import denoiser, diffusion
+from dihal_jax.bridge import denoiser
 from dihal_jax.bridge.train_step import (OptimConfig, init_train_state, make_optimizer,
-                                         state_shardings)
+                                         objective, state_shardings)
 from dihal_jax.bridge.unet import UNet, UNetConfig
 from dihal_jax.errors import UserInputError
 from dihal_jax.geometry.locate import candidate_layers
@@ -164,15 +164,9 @@ class Models:
     t = jax.ShapeDtypeStruct((batch,), jnp.float32)
     mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
 
-    def loss(p, x_t, t, mask):
+    def loss(p, x_t, t, mask):  # the train step's objective (every example self-conditioned)
       model = nnx.merge(graphdef, p, rest, copy=True)
-      known = jnp.where(mask[..., None], x_t, 0.0)
-      x0_prev = None
-      if self.unet_cfg.self_condition:
-        estimate, _ = diffusion.predict_x0_eps(model(x_t, t, mask, known), x_t, t, cfg)
-        x0_prev = jax.lax.stop_gradient(estimate)
-      out = model(x_t, t, mask, known, None, x0_prev)
-      return diffusion.loss(out, x_t, x_t, t, ~mask, cfg)
+      return objective(model, x_t, x_t, t, mask, cfg, self_condition=True, x_t=x_t)[0]
 
     def forward(x_t, p, t, mask):
       return nnx.merge(graphdef, p, rest, copy=True)(x_t, t, mask, x_t)
@@ -334,7 +328,7 @@ def phase_activations(models: Models, mesh: Mapping[str, int], layer: int) -> di
 
 # --- the plan --------------------------------------------------------------------
 
-def interface_layer(config: ml_collections.ConfigDict, num_layers: int) -> int:
+def planned_layer(config: ml_collections.ConfigDict, num_layers: int) -> int:
   """bridge.layer, or for "auto" the deepest locate candidate (the costliest l*)."""
   spec = str(config.bridge.layer)
   if spec == "auto":
@@ -447,7 +441,7 @@ def make_plan(config: ml_collections.ConfigDict, topology: Topology, *, config_n
   `compile` XLA's memory analysis of the compiled programs (`planning/aot.py`)."""
   models = Models(config)
   mesh = dict(mesh) if mesh is not None else mesh_for(config, topology)
-  layer = interface_layer(config, models.cfg.num_layers)
+  layer = planned_layer(config, models.cfg.num_layers)
   usable = HEADROOM * topology.hbm_bytes
   result = memory(models, mesh, layer)
   fits = _fits(result["per_device_bytes"], usable)
