@@ -18,7 +18,6 @@ from dihal_jax.parallel.sharding import DEFAULT_RULES
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # every random draw is fold_in(seed, ...)
-  c.smoke = False  # shrink every budget for a quick run (tests, CI)
 
   c.model = ml_collections.ConfigDict()
   # A local HF checkpoint directory, or "embedded:smollm2-135m-instruct". Empty:

@@ -124,21 +124,15 @@ def test_sharded_hidden_stream_matches_single_device(tiny_llama, mesh_shape):
   model = load_model(tiny_llama, mesh=mesh, rules=DEFAULT_RULES)
   single = load_model(tiny_llama, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES)
   tokens = np.random.default_rng(0).integers(0, 307, (2, 8, 24)).astype(np.int32)
-  stats = {1: hidden.ChannelStats(60), 3: hidden.ChannelStats(60)}
   stream = hidden.hidden_stream(model, [{"tokens": t} for t in tokens], [3, 1], mesh=mesh,
-                                rules=DEFAULT_RULES, stats=stats)
-  seen = {1: [], 3: []}
+                                rules=DEFAULT_RULES)
   for (batch_tokens, hs), t in zip(stream, tokens):
     np.testing.assert_array_equal(np.asarray(batch_tokens), t)
+    assert sorted(hs) == [1, 3]
     for layer, h in hs.items():
       assert len(h.sharding.device_set) == 8 and h.addressable_shards[0].data.shape[0] < 8
       ref = np.asarray(single.lower(jnp.asarray(t), layer))
       np.testing.assert_allclose(np.asarray(h), ref, atol=1e-5)
-      seen[layer].append(ref[:, 1:].reshape(-1, 60))
-  for layer in (1, 3):
-    ref = np.concatenate(seen[layer]).astype(np.float64)
-    np.testing.assert_allclose(stats[layer].mean, ref.mean(0), atol=1e-5)
-    np.testing.assert_allclose(stats[layer].std, ref.std(0), rtol=1e-4)
 
 
 def test_hidden_cache_hits_and_invalidates(tiny_llama, tmp_path):

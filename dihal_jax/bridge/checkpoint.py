@@ -52,6 +52,7 @@ from typing import Any, Sequence
 import grain
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from dihal_jax.errors import UserInputError
 
@@ -65,14 +66,10 @@ def _json_normal(obj: Any) -> Any:
   return json.loads(json.dumps(obj))
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-  """Nested dicts -> {"a.b.c": leaf}; lists and scalars are leaves."""
-  if isinstance(obj, dict) and obj:
-    out = {}
-    for k, v in obj.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: obj}
+def _flatten(obj: dict) -> dict[str, Any]:
+  """Nested dicts -> {"a.b.c": leaf}; lists, scalars and empty dicts are leaves."""
+  flat = traverse_util.flatten_dict(obj, keep_empty_nodes=True, sep=".")
+  return {k: {} if v is traverse_util.empty_node else v for k, v in flat.items()}
 
 
 def _ignored(path: str, ignore_fields: Sequence[str]) -> bool:

@@ -88,20 +88,12 @@ def hidden_fn(model: Decoder, layers: Sequence[int], mesh: jax.sharding.Mesh, ru
 
 
 def hidden_stream(model: Decoder, batches: Iterable[dict], layers: Sequence[int], *,
-                  mesh: jax.sharding.Mesh, rules: Rules,
-                  stats: dict[int, ChannelStats] | None = None,
-                  exclude_first: bool = True) -> Iterator[tuple[jax.Array, dict[int, jax.Array]]]:
-  """Yields (tokens, {l: h_l}) per batch of {"tokens": [B_local, T]}; updates `stats` if given."""
+                  mesh: jax.sharding.Mesh,
+                  rules: Rules) -> Iterator[tuple[jax.Array, dict[int, jax.Array]]]:
+  """Yields (tokens, {l: h_l}) per batch of {"tokens": [B_local, T]}."""
   apply = hidden_fn(model, layers, mesh, rules)
-  start = 1 if exclude_first else 0
   for batch in batches:
-    tokens, hidden = apply(batch["tokens"])
-    if stats is not None:
-      for layer, h in hidden.items():
-        local = np.concatenate([np.asarray(s.data) for s in h.addressable_shards
-                                if s.replica_id == 0])
-        stats[layer].update(local[:, start:])
-    yield tokens, hidden
+    yield apply(batch["tokens"])
 
 
 def global_value(x: jax.Array) -> np.ndarray:
@@ -197,10 +189,6 @@ class CachedLayer:
   def __len__(self) -> int:
     self._open()
     return len(self._h)
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    self._open()
-    return {"h": np.asarray(self._h[index]), "tokens": np.asarray(self._tokens[index])}
 
   def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Records `indices` stacked: {"h": [k, T, D], "tokens": [k, T]}."""

@@ -44,14 +44,13 @@ rerun; a run from another config is refused by its checkpointer.
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
 import ml_collections
 import numpy as np
+from scipy import stats
 
 from dihal_jax import reports
 from dihal_jax.errors import UserInputError
@@ -78,52 +77,27 @@ def parse_layers(spec: str) -> list[int]:
   return sorted(set(layers))
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-  """1-based ranks, ties averaged (as scipy.stats.rankdata's default)."""
-  order = np.argsort(x, kind="stable")
-  ranks = np.empty(len(x))
-  xs = x[order]
-  i = 0
-  while i < len(x):
-    j = i
-    while j + 1 < len(x) and xs[j + 1] == xs[i]:
-      j += 1
-    ranks[order[i:j + 1]] = (i + j) / 2 + 1
-    i = j + 1
-  return ranks
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-  a, b = a - a.mean(), b - b.mean()
-  denominator = math.sqrt(float(np.sum(a * a) * np.sum(b * b)))
-  if denominator == 0:
-    return None
-  return float(np.clip(np.sum(a * b) / denominator, -1.0, 1.0))
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-  """Spearman ρ with averaged ties; None when n < 2 or either side is constant."""
+  """Spearman ρ with averaged ties (scipy.stats.spearmanr); None when n < 2 or either side
+  is constant."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   if len(x) != len(y):
     raise ValueError(f"lengths differ: {len(x)} vs {len(y)}")
-  if len(x) < 2:
+  if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
     return None
-  return _pearson(_ranks(x), _ranks(y))
+  return float(stats.spearmanr(x, y).statistic)
 
 
 def permutation_p(x: Sequence[float], y: Sequence[float]) -> float | None:
-  """Exact two-sided p of Spearman ρ over all n! orderings of y (n ≤ 8), else None."""
-  rho = spearman(x, y)
-  n = len(x)
-  if rho is None or n > EXACT_P_MAX_N:
+  """Exact two-sided p of Spearman ρ over all n! orderings of y (n ≤ 8), else None
+  (scipy.stats.permutation_test, every pairing enumerated)."""
+  if spearman(x, y) is None or len(x) > EXACT_P_MAX_N:
     return None
-  rx, ry = _ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64))
-  hits = total = 0
-  for perm in itertools.permutations(range(n)):
-    r = _pearson(rx, ry[list(perm)])
-    hits += r is not None and abs(r) >= abs(rho) - 1e-12
-    total += 1
-  return hits / total
+  rx, ry = stats.rankdata(x), stats.rankdata(y)
+  result = stats.permutation_test(
+      (ry,), lambda r, axis: stats.pearsonr(rx, r, axis=axis).statistic, vectorized=True,
+      permutation_type="pairings", alternative="two-sided", n_resamples=np.inf)
+  return float(result.pvalue)
 
 
 def correlate(rows: list[dict], weights: dict[str, float]) -> dict:
