@@ -194,96 +194,143 @@ def _plan(config, config_name: str) -> int:
   return 0 if report["fits"] else 1
 
 
-def _run(command: str, config, workdir: Path) -> int:
-  from dihal_jax import demo, reports
-  from dihal_jax.backbone import checkpoint, parity
-  from dihal_jax.bridge import train
-  from dihal_jax.data import dataset
-  from dihal_jax.geometry import locate
+# Each command: a handler (config, workdir) -> (report, ok), or an exit status when it ends
+# early; `_run` applies the command's flags to the config, writes the report (with that
+# config) and maps ok to the exit status.
 
-  if command == "convert":
-    report = checkpoint.convert_and_export(config, workdir)
-    ok = report["roundtrip"]["bit_identical"]
-    print(f"converted {report['num_params']:,} params on {report['devices']} device(s); "
-          f"exported to {report['exported']}; round trip bit-identical: {ok}")
-  elif command == "parity":
-    report = parity.run_parity(config, workdir)
-    print(parity.summary(report))
-    ok = report["passed"]
-  elif command == "data":
-    report = dataset.prepare_data(config, workdir)
-    print(dataset.summary(report))
-    ok = True
-  elif command == "locate":
-    report = locate.run_locate(config, workdir)
-    locate.plot(report, workdir / "geometry.png")
-    print(locate.summary(report))
-    ok = True
-  elif command == "train":
+def _stoppable(handler):
+  """A handler whose training may be stopped (non-finite loss...): one stderr line, status 1.
+  What finished stays (checkpoints, cached layers, finished ablation rows)."""
+  def wrapped(config, workdir):
+    from dihal_jax.bridge.train import TrainingStopped
     try:
-      report = train.run_train(config, workdir)
-    except train.TrainingStopped as e:
+      return handler(config, workdir)
+    except TrainingStopped as e:
       print(f"dihal: training stopped: {e}", file=sys.stderr)
       return 1
-    print(f"trained the bridge at layer {report['layer']} to step {report['steps']}: "
-          f"{report['final']}")
-    ok = True
-  elif command == "sample":
-    from dihal_jax.hybrid import sample
-    from dihal_jax.overrides import overridden
-    config = overridden(config, {f"sample.{name}": getattr(FLAGS, name)
-                                 for name in ("num", "length", "steps", "readout")
-                                 if getattr(FLAGS, name) is not None})
-    prompts = FLAGS.prompt
-    if len(prompts) > 1:
-      return _fail("sample: give at most one --prompt")
-    report = sample.run_sample(config, workdir, prompt=prompts[0] if prompts else "",
-                               infill=FLAGS.infill)
-    for text in report["preview"]:
-      print(f"--- {text!r}")
-    print(f"{report['num']} samples ({report['readout']}) -> {report['samples']}")
-    ok = True
-  elif command == "eval":
-    from dihal_jax.eval import evaluate
-    report = evaluate.run_eval(config, workdir)
-    print(evaluate.summary(report))
-    ok = True
-  elif command == "ablate":
-    from dihal_jax.eval import ablation
-    try:
-      report = ablation.run_ablation(config, workdir)
-    except train.TrainingStopped as e:  # finished rows stay
-      print(f"dihal: training stopped: {e}", file=sys.stderr)
-      return 1
-    if "interrupted" in report:
-      print(f"SIGTERM: stopped while training {report['interrupted']}; the same command resumes")
-      return 0
-    print(ablation.summary(report))
-    ok = True
-  elif command == "sweep":
-    from dihal_jax.eval import sweep
-    try:
-      report = sweep.run_sweep(config, workdir, sweep.parse_layers(FLAGS.layers))
-    except train.TrainingStopped as e:  # finished layers stay cached
-      print(f"dihal: training stopped: {e}", file=sys.stderr)
-      return 1
-    sweep.plot(report, workdir / "sweep.png")
-    print(sweep.summary(report))
-    ok = True
-  elif command == "generate":
-    report = demo.generate_text(config, workdir, FLAGS.prompt, FLAGS.max_new_tokens,
-                                FLAGS.temperature, FLAGS.top_p)
-    for row in report["samples"]:
-      print(f"--- {row['prompt']!r}\n{row['continuation']}")
-    ok = True
-  else:
-    report = demo.run_demo(config, workdir)
-    ok = report["parity"]["passed"]
+  return wrapped
+
+
+def _convert(config, workdir):
+  from dihal_jax.backbone import checkpoint
+  report = checkpoint.convert_and_export(config, workdir)
+  ok = report["roundtrip"]["bit_identical"]
+  print(f"converted {report['num_params']:,} params on {report['devices']} device(s); "
+        f"exported to {report['exported']}; round trip bit-identical: {ok}")
+  return report, ok
+
+
+def _parity(config, workdir):
+  from dihal_jax.backbone import parity
+  report = parity.run_parity(config, workdir)
+  print(parity.summary(report))
+  return report, report["passed"]
+
+
+def _generate(config, workdir):
+  from dihal_jax import demo
+  report = demo.generate_text(config, workdir, FLAGS.prompt, FLAGS.max_new_tokens,
+                              FLAGS.temperature, FLAGS.top_p)
+  for row in report["samples"]:
+    print(f"--- {row['prompt']!r}\n{row['continuation']}")
+  return report, True
+
+
+def _data(config, workdir):
+  from dihal_jax.data import dataset
+  report = dataset.prepare_data(config, workdir)
+  print(dataset.summary(report))
+  return report, True
+
+
+def _locate(config, workdir):
+  from dihal_jax.geometry import locate
+  report = locate.run_locate(config, workdir)
+  locate.plot(report, workdir / "geometry.png")
+  print(locate.summary(report))
+  return report, True
+
+
+@_stoppable
+def _train(config, workdir):
+  from dihal_jax.bridge import train
+  report = train.run_train(config, workdir)
+  print(f"trained the bridge at layer {report['layer']} to step {report['steps']}: "
+        f"{report['final']}")
+  return report, True
+
+
+def _sample(config, workdir):
+  from dihal_jax.hybrid import sample
+  prompts = FLAGS.prompt
+  if len(prompts) > 1:
+    return _fail("sample: give at most one --prompt")
+  report = sample.run_sample(config, workdir, prompt=prompts[0] if prompts else "",
+                             infill=FLAGS.infill)
+  for text in report["preview"]:
+    print(f"--- {text!r}")
+  print(f"{report['num']} samples ({report['readout']}) -> {report['samples']}")
+  return report, True
+
+
+def _eval(config, workdir):
+  from dihal_jax.eval import evaluate
+  report = evaluate.run_eval(config, workdir)
+  print(evaluate.summary(report))
+  return report, True
+
+
+@_stoppable  # finished layers stay cached
+def _sweep(config, workdir):
+  from dihal_jax.eval import sweep
+  report = sweep.run_sweep(config, workdir, sweep.parse_layers(FLAGS.layers))
+  sweep.plot(report, workdir / "sweep.png")
+  print(sweep.summary(report))
+  return report, True
+
+
+@_stoppable  # finished rows stay
+def _ablate(config, workdir):
+  from dihal_jax.eval import ablation
+  report = ablation.run_ablation(config, workdir)
+  if "interrupted" in report:
+    print(f"SIGTERM: stopped while training {report['interrupted']}; the same command resumes")
+    return 0
+  print(ablation.summary(report))
+  return report, True
+
+
+def _demo(config, workdir):
+  from dihal_jax import demo
+  report = demo.run_demo(config, workdir)
+  return report, report["parity"]["passed"]
+
+
+HANDLERS = {"convert": _convert, "parity": _parity, "generate": _generate, "data": _data,
+            "locate": _locate, "train": _train, "sample": _sample, "eval": _eval,
+            "sweep": _sweep, "ablate": _ablate, "demo": _demo}
+# Command flags that set a config field (sample.<name>), applied before the handler runs.
+FLAG_FIELDS = {"sample": ("num", "length", "steps", "readout")}
+REPORT_NAMES = {"sample": "sample_report.json"}  # beside eval's report.json, not over it
+
+
+def _run(command: str, config, workdir: Path) -> int:
+  from dihal_jax import reports
+  from dihal_jax.overrides import overridden
+  updates = {f"{command}.{name}": getattr(FLAGS, name) for name in FLAG_FIELDS.get(command, ())
+             if getattr(FLAGS, name) is not None}
+  if updates:
+    config = overridden(config, updates)
+  result = HANDLERS[command](config, workdir)
+  if isinstance(result, int):
+    return result
+  report, ok = result
   report["config"] = config.to_dict()
-  name = "sample_report.json" if command == "sample" else "report.json"  # keep eval's report
+  name = REPORT_NAMES.get(command, "report.json")
   reports.write_json(workdir / name, report)
   print(f"report: {workdir / name}")
   return 0 if ok else 1
+
 
 
 def run():
