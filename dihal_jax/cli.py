@@ -11,7 +11,9 @@ Commands:
   data      build the corpus splits (tfds, array_record) and count documents/tokens/windows
   locate    geometry proxies per layer, the score and the selected layer l*
   train     train the diffusion bridge at bridge.layer (auto = l*), resumable
-  sample    bridge -> upper layers -> text (readout modes, --prompt, --infill) into samples.jsonl
+  mdm       post-train the backbone into a masked diffusion model (config mdm), resumable
+  sample    bridge -> upper layers -> text (readout modes, --prompt, --infill) into samples.jsonl;
+            --method=mdm: the masked diffusion model's samples
   eval      every method and reference row: gen PPL, diversity, memorization, spread, recovery
   sweep     the fixed bridge protocol at each of --layers; Spearman ρ of score vs val loss
   demo      what exists end to end on the default model (see README)
@@ -32,8 +34,8 @@ from ml_collections import config_flags
 from dihal_jax.errors import UserInputError
 from dihal_jax.parallel import distributed
 
-COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "sample", "eval", "sweep",
-            "ablate", "demo", "plan")
+COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "mdm", "sample", "eval",
+            "sweep", "ablate", "demo", "plan")
 # `plan --compile` compiles for 8 devices on the host's CPU: the flag must precede JAX's start.
 COMPILE_XLA_FLAG = "--xla_force_host_platform_device_count=8"
 
@@ -54,6 +56,8 @@ flags.DEFINE_integer("steps", None, "sample: bridge sampler steps (config sample
                      flag_values=FLAGS)
 flags.DEFINE_string("readout", None, "sample: blockwise | lm_head | refine | identity | joint "
                     "(config sample.readout).", flag_values=FLAGS)
+flags.DEFINE_string("method", None, "sample: bridge | mdm (config sample.method).",
+                    flag_values=FLAGS)
 flags.DEFINE_string("layers", "", "sweep: layers to train, e.g. 0,1,2 or 1-4.",
                     flag_values=FLAGS)
 flags.DEFINE_string("infill", "", "sample: text whose [___] gaps the bridge fills.",
@@ -260,13 +264,24 @@ def _train(config, workdir):
   return report, True
 
 
+@_stoppable
+def _mdm(config, workdir):
+  from dihal_jax.mdm import train as mdm_train
+  report = mdm_train.run_mdm(config, workdir)
+  print(f"trained the masked diffusion model to step {report['steps']} of "
+        f"{report['total_steps']}: {report['final']}")
+  return report, True
+
+
 def _sample(config, workdir):
   from dihal_jax.hybrid import sample
+  from dihal_jax.mdm import generate as mdm_generate
   prompts = FLAGS.prompt
   if len(prompts) > 1:
     return _fail("sample: give at most one --prompt")
-  report = sample.run_sample(config, workdir, prompt=prompts[0] if prompts else "",
-                             infill=FLAGS.infill)
+  run_sample = mdm_generate.run_sample if config.sample.method == "mdm" else sample.run_sample
+  report = run_sample(config, workdir, prompt=prompts[0] if prompts else "",
+                      infill=FLAGS.infill)
   for text in report["preview"]:
     print(f"--- {text!r}")
   print(f"{report['num']} samples ({report['readout']}) -> {report['samples']}")
@@ -307,10 +322,10 @@ def _demo(config, workdir):
 
 
 HANDLERS = {"convert": _convert, "parity": _parity, "generate": _generate, "data": _data,
-            "locate": _locate, "train": _train, "sample": _sample, "eval": _eval,
+            "locate": _locate, "train": _train, "mdm": _mdm, "sample": _sample, "eval": _eval,
             "sweep": _sweep, "ablate": _ablate, "demo": _demo}
 # Command flags that set a config field (sample.<name>), applied before the handler runs.
-FLAG_FIELDS = {"sample": ("num", "length", "steps", "readout")}
+FLAG_FIELDS = {"sample": ("num", "length", "steps", "readout", "method")}
 REPORT_NAMES = {"sample": "sample_report.json"}  # beside eval's report.json, not over it
 
 

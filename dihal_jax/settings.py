@@ -11,6 +11,8 @@ from __future__ import annotations
 import ml_collections
 
 from dihal_jax.errors import UserInputError
+from dihal_jax.mdm import sampler as mdm_sampler
+from dihal_jax.mdm import train as mdm_train
 
 TRAINS = ("train", "sweep", "eval", "ablate", "demo")  # commands that may train a bridge
 EVALUATES = ("eval", "ablate", "demo")
@@ -41,6 +43,11 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
   _check_bridge(config.bridge, layers, spec)
   _need(config.sample.beta >= 0, f"--config.sample.beta={config.sample.beta}: expected >= 0 (the "
         "joint readout's weight of the current-token head)")
+  mdm_train.check(config.mdm)
+  _need(config.sample.method in ("bridge", "mdm"), f"--config.sample.method="
+        f"{config.sample.method!r}: expected bridge or mdm")
+  mdm_sampler.check(config.sample.steps, config.sample.unmask, config.sample.mdm_block,
+                    config.sample.length or d.window)
   if command in TRAINS:
     _check_train(config.train)
   if command in EVALUATES:

@@ -155,15 +155,12 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   val_loss_fn = _val_loss_fn(state, diffusion_cfg, jax.random.key(config.seed + 1))
 
   metrics_path = workdir / "metrics.jsonl"
-  if metrics_path.exists():  # drop rows past the restored step (and a torn last line)
-    kept = [line for line in metrics_path.read_text().splitlines()
-            if _logged_step(line) is not None and _logged_step(line) <= start]
-    reports.write_text(metrics_path, "".join(line + "\n" for line in kept))
+  reports.trim_metrics(metrics_path, start)
   stop = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
   extra = {"layer": layer, "normalizer": norm.to_dict(), "train_cache": str(caches["train"]),
            "denoiser": denoiser.describe(model), "params": denoiser.num_params(model)}
-  step = start
+  done = start
   try:
     with open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as log:
       bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train",
@@ -200,18 +197,11 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     signal.signal(signal.SIGTERM, previous)
     checkpointer.close()
   rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-  _plot_loss(rows, workdir / "loss.png")
-  return {"layer": layer, "steps": step + 1 if rows else start, "start_step": start,
+  reports.plot_loss(rows, workdir / "loss.png")
+  return {"layer": layer, "steps": done, "start_step": start,
           "final": rows[-1] if rows else None, "interrupted": stop["sigterm"],
           "cache": {k: str(v) for k, v in caches.items()},
           "timings": {"setup_s": setup_s, "total_s": time.perf_counter() - t0}}
-
-
-def _logged_step(line: str) -> int | None:
-  try:
-    return int(json.loads(line)["step"])
-  except (json.JSONDecodeError, KeyError, TypeError):
-    return None
 
 
 def _val_loss_fn(state, diffusion_cfg, key):
@@ -225,20 +215,3 @@ def _val_loss_fn(state, diffusion_cfg, key):
     return objective(model, x0, noise, t, mask, diffusion_cfg)[0]
 
   return val_loss
-
-
-def _plot_loss(rows: list[dict], path: Path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
-  val = [r for r in rows if "val_loss" in r]
-  if val:
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (EMA)")
-  ax.set_xlabel("step")
-  ax.set_yscale("log")
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  reports.save_figure(fig, path)

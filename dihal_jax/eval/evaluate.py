@@ -9,9 +9,11 @@ Rows (docs/design.md, "Evaluation protocol" and "the crux"; `eval.methods` picks
   ar_backbone, unigram_sampler, bigram_sampler, dihal, dihal_<mode>, dihal_l0,
   embedding_rounding   generated rows (eval/rows.py); the two samplers are calibration
                        rows: what a trivial generator scores under each judge.
+  mdm                  the backbone post-trained into a masked diffusion model (config
+                       `mdm`; mdm.steps = -1 sees as many training windows as the bridge).
 The two bridges share one protocol (UNet size, optimizer, steps, batch, windows:
 the config's `bridge` and `train`); the l = 0 one is trained into `workdir/l0`
-on first use (resumable).
+and the MDM into `workdir/mdm` on first use (both resumable).
 
 Tasks:
   unconditional  windows generated from the separator; judged against each evaluation
@@ -64,11 +66,14 @@ from dihal_jax.eval.rows import CALIBRATION_ROWS, L0_ROWS, RowGenerators
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.hybrid.readout import MODES, Readout, nearest_embedding
 from dihal_jax.hybrid.sample import current_token_head, readout_config
+from dihal_jax.mdm import sampler as mdm_sampler
+from dihal_jax.mdm.train import TrainedMDM, load_mdm, run_mdm
 from dihal_jax.overrides import overridden
 from dihal_jax.parallel.sharding import mesh_and_rules
 
 REFERENCE_ROWS = ("real_text", "oracle", "oracle_lm_head", "ar_backbone") + CALIBRATION_ROWS
-METHODS = REFERENCE_ROWS + ("dihal",) + tuple(f"dihal_{m}" for m in MODES) + L0_ROWS
+METHODS = (REFERENCE_ROWS + ("dihal",) + tuple(f"dihal_{m}" for m in MODES) + L0_ROWS
+           + ("mdm",))
 TASKS = ("unconditional", "continuation")  # key streams: fold_in(seed key, task index)
 SET_NAMES = {"test": "Austen test", "ood": "Moby Dick (OOD)"}
 
@@ -108,6 +113,12 @@ def _l0_bridge(config: ml_collections.ConfigDict, workdir: Path, progress: bool)
   """The l = 0 bridge of the same protocol, trained into workdir/l0 if needed."""
   run_train(overridden(config, {"bridge.layer": "0"}), workdir / "l0", progress=progress)
   return load_bridge(workdir / "l0", mesh_and_rules(config)[0], kind=config.bridge.denoiser)
+
+
+def _mdm(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> TrainedMDM:
+  """The masked diffusion model (`dihal mdm`'s protocol), trained into workdir/mdm if needed."""
+  run_mdm(config, workdir / "mdm", progress=progress)
+  return load_mdm(config, workdir / "mdm")
 
 
 def bridge_diagnostics(bridge: TrainedBridge, real_tokens: np.ndarray, real_h: np.ndarray,
@@ -187,6 +198,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   if needs_l0:
     gens.l0 = _l0_bridge(config, workdir, progress)
     gens.readers["l0"] = Readout(backbone, 0, data.separator)
+  if "mdm" in methods:
+    mdm_sampler.check(cfg.steps, config.sample.unmask, config.sample.mdm_block, n)
+    gens.mdm = _mdm(config, workdir, progress)
+    gens.unmask, gens.mdm_block = config.sample.unmask, config.sample.mdm_block
   oracle_mode = config.sample.readout if config.sample.readout != "refine" else "lm_head"
   if oracle_mode in ("identity", "joint") and gens.head is None:
     oracle_mode = "lm_head"  # the current-token head comes with a trained bridge
@@ -294,6 +309,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
             "bridge": {"layer": gens.main.layer if gens.main else None,
                        "step": gens.main.step if gens.main else None,
                        "l0_step": gens.l0.step if gens.l0 else None},
+            "mdm": ({"step": gens.mdm.step, "mask_id": gens.mdm.mask_id,
+                     "shift": gens.mdm.shift, "unmask": gens.unmask,
+                     "block": gens.mdm_block} if gens.mdm else None),
             "readout": dict(mode=config.sample.readout, oracle_mode=oracle_mode,
                             **cfg.__dict__),
             "timings": {"total_s": time.perf_counter() - t0}}

@@ -13,6 +13,8 @@ first sample of h_l [N, n, d] or None).
   dihal_l0             the bridge at l = 0, default readout.
   embedding_rounding   the l = 0 bridge's states rounded to the nearest embedding row
                        (Diffusion-LM style), no transformer.
+  mdm                  the backbone post-trained into a masked diffusion model (`dihal mdm`),
+                       sample.steps reveal steps (sample.unmask, sample.mdm_block).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dihal_jax.eval.calibration import CountSampler
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge
 from dihal_jax.bridge.token_head import ClassMeanHead
 from dihal_jax.hybrid.readout import Readout, ReadoutConfig, nearest_embedding
+from dihal_jax.mdm import sampler as mdm_sampler
+from dihal_jax.mdm.train import TrainedMDM
 
 CALIBRATION_ROWS = ("unigram_sampler", "bigram_sampler")
 L0_ROWS = ("dihal_l0", "embedding_rounding")
@@ -45,6 +49,9 @@ class RowGenerators:
   l0: TrainedBridge | None = None  # the bridge at l = 0
   head: ClassMeanHead | None = None  # the current-token head (identity / joint readouts)
   readers: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> Readout
+  mdm: TrainedMDM | None = None  # the masked diffusion model
+  unmask: str = "confidence"  # its sampler's order (sample.unmask)
+  mdm_block: int = 0  # its semi-AR block (sample.mdm_block)
 
   def mode(self, method: str) -> str | None:
     """The readout mode of a bridge row (None for the rows without a bridge)."""
@@ -62,6 +69,15 @@ class RowGenerators:
       start = jnp.asarray(given[:, :prefix])
       new = generate(self.backbone, start, max_new_tokens=n - prefix, key=key, temperature=1.0)
       return np.concatenate([given[:, :prefix], np.asarray(new)], axis=1), None
+    if method == "mdm":
+      known = np.broadcast_to(np.arange(n) < prefix, (num, n))
+      rows = [mdm_sampler.sample(
+          self.mdm.model, given[i:i + self.batch], known[i:i + self.batch],
+          jax.random.fold_in(key, i), mask_id=self.mdm.mask_id, shift=self.mdm.shift,
+          steps=self.readout.steps, unmask=self.unmask, block=self.mdm_block,
+          temperature=self.readout.temperature, top_p=self.readout.top_p)
+              for i in range(0, num, self.batch)]
+      return np.concatenate(rows), None
     if method in CALIBRATION_ROWS:
       rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
       draw = (self.counts.unigram_sample if method == "unigram_sampler"

@@ -35,11 +35,12 @@ UNMASK = ("confidence", "random")
 def check(steps: int, unmask: str, block: int, length: int) -> None:
   """One `dihal: error:` line for bad sampler settings."""
   if steps < 1:
-    raise UserInputError(f"sample.steps={steps}: expected >= 1")
+    raise UserInputError(f"--config.sample.steps={steps}: expected >= 1")
   if unmask not in UNMASK:
-    raise UserInputError(f"sample.unmask={unmask!r}: expected one of {', '.join(UNMASK)}")
+    raise UserInputError(f"--config.sample.unmask={unmask!r}: expected one of "
+                         f"{', '.join(UNMASK)}")
   if block < 0 or (block and length % block):
-    raise UserInputError(f"sample.mdm_block={block}: must be 0 or divide the window "
+    raise UserInputError(f"--config.sample.mdm_block={block}: must be 0 or divide the window "
                          f"length {length}")
 
 

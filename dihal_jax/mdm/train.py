@@ -46,7 +46,7 @@ from dihal_jax.data.dataset import Data
 from dihal_jax.errors import UserInputError
 from dihal_jax.mdm.attention import anneal_rate, annealed_pattern
 from dihal_jax.mdm.objective import T_EPS, mask_tokens, mdlm_loss, token_logits
-from dihal_jax.parallel.sharding import batch_sharding, make_mesh, put_global
+from dihal_jax.parallel.sharding import batch_sharding, mesh_and_rules, put_global
 
 # The config sections that shape the trained state (a resume checks them), and the fields
 # in them that may change on resume: the run's length and its logging / saving cadence.
@@ -77,27 +77,34 @@ def mask_token_id(spec: int, tokenizer, vocab_size: int, separator: int) -> int:
     elif len(tokenizer) < vocab_size:
       spec = len(tokenizer)
     else:
-      raise UserInputError("mdm.mask_id=-1: the tokenizer has no mask token, no unused special "
-                           "token and no spare embedding row; give one with "
+      raise UserInputError("--config.mdm.mask_id=-1: the tokenizer has no mask token, no "
+                           "unused special token and no spare embedding row; give one with "
                            "--config.mdm.mask_id=N")
   if not 0 <= spec < vocab_size:
-    raise UserInputError(f"mdm.mask_id={spec}: expected -1 (auto) or an id in 0..{vocab_size - 1}")
+    raise UserInputError(f"--config.mdm.mask_id={spec}: expected -1 (auto) or an id in "
+                         f"0..{vocab_size - 1}")
   if spec == separator:
-    raise UserInputError(f"mdm.mask_id={spec}: that is the document separator, which every "
-                         "window starts with; pick another id")
+    raise UserInputError(f"--config.mdm.mask_id={spec}: that is the document separator, "
+                         "which every window starts with; pick another id")
   return spec
 
 
-def check(m: ml_collections.ConfigDict, window: int) -> None:
+def check(m: ml_collections.ConfigDict) -> None:
   """One `dihal: error:` line for a bad mdm section."""
   if m.anneal_steps < 0:
-    raise UserInputError(f"mdm.anneal_steps={m.anneal_steps}: expected >= 0 (0 = bidirectional "
-                         "from the first step)")
+    raise UserInputError(f"--config.mdm.anneal_steps={m.anneal_steps}: expected >= 0 (0 = "
+                         "bidirectional from the first step)")
   if m.steps < -1 or m.steps == 0:
-    raise UserInputError(f"mdm.steps={m.steps}: expected >= 1, or -1 (the bridge's budget)")
+    raise UserInputError(f"--config.mdm.steps={m.steps}: expected >= 1, or -1 (the bridge's "
+                         "budget)")
   if m.batch_size < 1 or m.lr <= 0:
-    raise UserInputError(f"mdm.batch_size={m.batch_size}, mdm.lr={m.lr}: expected > 0")
-  del window
+    raise UserInputError(f"--config.mdm.batch_size={m.batch_size}, --config.mdm.lr={m.lr}: "
+                         "expected > 0")
+  if m.mask_id < -1:
+    raise UserInputError(f"--config.mdm.mask_id={m.mask_id}: expected -1 (auto) or a token id")
+  if min(m.checkpoint_every, m.log_every, m.val_every, m.max_to_keep) < 1:
+    raise UserInputError("--config.mdm.checkpoint_every, log_every, val_every, max_to_keep: "
+                         "expected >= 1")
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -199,13 +206,13 @@ def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   workdir = Path(workdir)
   m = config.mdm
   t0 = time.perf_counter()
-  check(m, config.data.window)
+  check(m)
   steps = total_steps(config)
   data = Data.from_config(config, workdir)
   ckpt_dir = backbone_checkpoint.checkpoint_dir(config, workdir)
   backbone = backbone_checkpoint.load_backbone(config, ckpt_dir)
   mask_id = mask_token_id(m.mask_id, data.tokenizer, backbone.cfg.vocab_size, data.separator)
-  mesh, rules = make_mesh(config.mesh.to_dict()), tuple(config.logical_axis_rules)
+  mesh, rules = mesh_and_rules(config)
   optim_cfg = optim_config(config)
   state = init_train_state(backbone, make_optimizer(optim_cfg))
   del backbone
