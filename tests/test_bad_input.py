@@ -351,10 +351,33 @@ def _raises_naming(hf: dict, *names: str):
 
 
 def test_lib_good_configs_parse():
-  """Control for the cases below."""
+  """Control for the cases below: the good configs parse, each field as transformers' own
+  config class reads the same config.json (an independent reading)."""
+  import transformers
   from conftest import load_config
-  for name in ("tiny_llama", "tiny_qwen3"):
-    BackboneConfig.from_hf_config(load_config(name).model.hf_config.to_dict())
+  for name, reference in (("tiny_llama", transformers.LlamaConfig),
+                          ("tiny_qwen3", transformers.Qwen3Config)):
+    hf = load_config(name).model.hf_config.to_dict()
+    cfg, ref = BackboneConfig.from_hf_config(hf), reference(**hf)
+    assert (cfg.model_type, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
+            cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
+            cfg.max_position_embeddings, cfg.tie_word_embeddings, cfg.attention_bias,
+            cfg.bos_token_id, cfg.eos_token_id) == (
+        ref.model_type, ref.vocab_size, ref.hidden_size, ref.intermediate_size,
+        ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim,
+        ref.rms_norm_eps, ref.max_position_embeddings, ref.tie_word_embeddings,
+        ref.attention_bias, ref.bos_token_id, ref.eos_token_id), name
+    rope = ref.rope_parameters
+    assert cfg.rope_theta == rope["rope_theta"]
+    assert cfg.qk_norm == (ref.model_type == "qwen3")  # Qwen3 normalizes q and k
+    if rope["rope_type"] == "llama3":
+      assert (cfg.rope_scaling.factor, cfg.rope_scaling.low_freq_factor,
+              cfg.rope_scaling.high_freq_factor,
+              cfg.rope_scaling.original_max_position_embeddings) == (
+          rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+          rope["original_max_position_embeddings"])
+    else:
+      assert cfg.rope_scaling is None
 
 
 def test_lib_unsupported_hidden_act():

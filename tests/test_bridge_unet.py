@@ -88,6 +88,13 @@ def test_output_shape_and_dtype(cfg, n):
   out = _apply(model, x_t, t, mask, known, **extra)
   assert out.shape == (B, n, D) and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()
+  # Rows are independent: the reversed batch (its own x_t, t, mask, labels each) gives the
+  # reversed outputs, row by row (a norm over the batch or a transposed reshape fails here),
+  # and different rows give different outputs.
+  flipped = _apply(model, *(a[::-1] for a in (x_t, t, mask, known)),
+                   **{k: v[::-1] for k, v in extra.items()})
+  np.testing.assert_allclose(np.asarray(flipped)[::-1], np.asarray(out), atol=1e-5)
+  assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
 
 
 def test_bfloat16_compute_returns_float32_close_to_float32(main_model):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_config
 from dihal_jax.backbone.checkpoint import byte_tokenizer
 from dihal_jax.bridge.diffusion import DiffusionConfig
 from dihal_jax.bridge.normalization import Normalizer
@@ -154,6 +154,12 @@ def test_dihal_sample_every_readout(trained, readout):
   rows = [json.loads(line) for line in (trained / "run" / "samples.jsonl").read_text().splitlines()]
   assert len(rows) == 3 and all(r["readout"] == readout for r in rows)
   assert all(len(r["tokens"]) == 64 and r["tokens"][0] == E2E_SEP for r in rows)
+  # Every drawn token is a word of the model's vocabulary, and the text is its decoding (the
+  # test's own byte tokenizer, not the checkpoint's copy).
+  tok, vocab = byte_tokenizer(), load_config("tiny_llama").model.hf_config.vocab_size
+  for r in rows:
+    assert all(0 <= t < vocab for t in r["tokens"]), r["tokens"]
+    assert r["text"] == tok.decode(r["tokens"][1:])
 
 
 @pytest.mark.slow
@@ -166,7 +172,14 @@ def test_dihal_sample_prompt_and_infill_keep_the_given_text(trained):
     assert json.loads(line)["tokens"][:len(prefix)] == prefix
   proc = _dihal(trained, "sample", "--num=2", "--infill=Emma [___] was here")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # [separator] + "Emma " + sample.gap drawn positions + " was here", each part tokenized alone.
+  head = [E2E_SEP] + tok("Emma ", add_special_tokens=False)["input_ids"]
+  tail = tok(" was here", add_special_tokens=False)["input_ids"]
+  gap = load_config("tiny_llama").sample.gap
   for line in (trained / "run" / "samples.jsonl").read_text().splitlines():
+    tokens = json.loads(line)["tokens"]
+    assert tokens[:len(head)] == head
+    assert tokens[len(head) + gap:len(head) + gap + len(tail)] == tail
     assert json.loads(line)["text"].startswith("Emma ")
 
 

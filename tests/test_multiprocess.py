@@ -21,6 +21,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # two gloo processes per test, minutes on 2 cores
+
 TINY = ["--config=configs/tiny_llama.py", "--config.locate.num_tokens=2048",
         "--config.locate.batch_size=8", "--config.locate.reservoir=512",
         "--config.locate.anchors=64", "--config.locate.pairs=1024"]

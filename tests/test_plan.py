@@ -290,6 +290,7 @@ def test_cli_compile_needs_devices():
   assert aot.XLA_FLAG in line
 
 
+@pytest.mark.slow
 def test_cli_compile_llama_8b(tmp_path):
   """The 8B forward and bridge step compile for v5e-8's own mesh (bf16, nothing allocated;
   ~30 s and ~1.3 GB RSS on the 2-core CI machine)."""
