@@ -319,6 +319,29 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
   return state.replace(params=params, rest=rest, opt_state=opt, ema=params, step=replicated)
 
 
+def jit_train_step(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
+                   diffusion_cfg: diffusion.DiffusionConfig,
+                   optimizer: optax.GradientTransformation, optim_cfg: OptimConfig, *,
+                   labels: bool = False, self_condition_prob: float = 0.5,
+                   label_dropout: float = 0.1, token_ce: float = 0.0):
+  """(`train_step` jitted for `mesh`, the state's shardings): called as (state, batch
+  [B, n, d], key, labels, tokens, head), the batch split over the batch axes, labels (when
+  `labels`) too, tokens and head only with token_ce > 0; the state is donated. The one
+  jit/sharding/donation wiring of the step (`make_train_step`, `planning/aot.py`)."""
+  x_sharding = batch_sharding(mesh, rules, 3)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shardings = state_shardings(state, mesh, rules, optimizer)
+  fn = functools.partial(train_step, diffusion_cfg=diffusion_cfg, optimizer=optimizer,
+                         optim_cfg=optim_cfg, self_condition_prob=self_condition_prob,
+                         label_dropout=label_dropout, token_ce=token_ce)
+  jitted = jax.jit(fn, in_shardings=(shardings, x_sharding, replicated,
+                                     batch_sharding(mesh, rules, 1) if labels else None,
+                                     batch_sharding(mesh, rules, 2) if token_ce else None,
+                                     replicated if token_ce else None),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return jitted, shardings
+
+
 def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimConfig,
                     mesh: jax.sharding.Mesh, rules: Rules, *, self_condition_prob: float = 0.5,
                     label_dropout: float = 0.1, token_ce: float = 0.0,
@@ -339,9 +362,6 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
   x_sharding = batch_sharding(mesh, rules, 3)
   replicated = NamedSharding(mesh, PartitionSpec())
   label_sharding = batch_sharding(mesh, rules, 1)
-  fn = functools.partial(train_step, diffusion_cfg=diffusion_cfg, optimizer=optimizer,
-                         optim_cfg=optim_cfg, self_condition_prob=self_condition_prob,
-                         label_dropout=label_dropout, token_ce=token_ce)
   if token_ce and token_head is None:
     raise ValueError("make_train_step: token_ce > 0 needs the token head")
   head = put_global(dict(token_head), replicated) if token_ce else None
@@ -350,14 +370,10 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
 
   def step(state: TrainState, batch, key, labels=None, tokens=None):
     if "fn" not in compiled:
-      shardings = state_shardings(state, mesh, rules, optimizer)
-      compiled["shardings"] = shardings
-      compiled["fn"] = jax.jit(
-          fn, in_shardings=(shardings, x_sharding, replicated,
-                            None if labels is None else label_sharding,
-                            token_sharding if token_ce else None,
-                            replicated if token_ce else None),
-          out_shardings=(shardings, replicated), donate_argnums=(0,))
+      compiled["fn"], compiled["shardings"] = jit_train_step(
+          state, mesh, rules, diffusion_cfg, optimizer, optim_cfg, labels=labels is not None,
+          self_condition_prob=self_condition_prob, label_dropout=label_dropout,
+          token_ce=token_ce)
     first = jax.tree.leaves(state.params)[0]
     if getattr(first, "sharding", None) != jax.tree.leaves(compiled["shardings"].params)[0]:
       state = put_global(state, compiled["shardings"])  # ~1,200 leaves: only when needed

@@ -21,7 +21,6 @@ before JAX starts (`dihal plan --compile` sets it itself).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from typing import Mapping
@@ -29,9 +28,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from dihal_jax.bridge.train_step import OptimConfig, state_shardings, train_step
+from dihal_jax.bridge.train_step import OptimConfig, jit_train_step
 from dihal_jax.errors import UserInputError
 from dihal_jax.parallel.sharding import MESH_AXES, batch_sharding, make_mesh, param_shardings
 
@@ -111,20 +109,14 @@ def compile_programs(models, mesh: Mapping[str, int]) -> dict:
   memory, seconds = _timed_compile(forward, state, tokens)
   programs["forward"] = {"batch": f"{batch} x {window}", **memory, "compile_s": seconds}
 
-  # The bridge train step: `train_step` jitted as `make_train_step` does (state donated).
+  # The bridge train step, jitted as `make_train_step` jits it (state donated).
   batch = config.train.batch_size
-  optimizer = models.optimizer
-  shardings = state_shardings(models.train_state, mesh_obj, rules, optimizer)
-  replicated = NamedSharding(mesh_obj, PartitionSpec())
-  x_sharding = batch_sharding(mesh_obj, rules, 3)
-  fn = functools.partial(train_step, diffusion_cfg=models.diffusion_cfg, optimizer=optimizer,
-                         optim_cfg=OptimConfig(),
-                         self_condition_prob=config.train.self_condition_prob)
-  step = jax.jit(fn, in_shardings=(shardings, x_sharding, replicated, None),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  step, _ = jit_train_step(models.train_state, mesh_obj, rules, models.diffusion_cfg,
+                           models.optimizer, OptimConfig(),
+                           self_condition_prob=config.train.self_condition_prob)
   x0 = jax.ShapeDtypeStruct((batch, window, cfg.hidden_size), jnp.float32)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  memory, seconds = _timed_compile(step, models.train_state, x0, key, None)
+  memory, seconds = _timed_compile(step, models.train_state, x0, key, None, None, None)
   programs["train_step"] = {"batch": f"{batch} x {window}", **memory, "compile_s": seconds}
 
   same = shape == dict(mesh)
