@@ -68,9 +68,7 @@ def interface_layer(config: ml_collections.ConfigDict, workdir: Path) -> int:
       raise UserInputError(f"bridge.layer={spec!r}: expected 'auto' or a layer number") from None
   report_path = workdir / "locate" / "report.json"
   if not report_path.is_file():
-    report = locate.run_locate(config, workdir / "locate")
-    reports.write_json(report_path, report)
-    locate.plot(report, workdir / "locate" / "geometry.png")
+    locate.locate_into(config, workdir / "locate")
   return int(json.loads(report_path.read_text())["selected_layer"])
 
 

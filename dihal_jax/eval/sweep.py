@@ -176,10 +176,7 @@ def ensure_locate(config: ml_collections.ConfigDict, workdir: Path, layers: Sequ
     print(f"sweep: running locate with locate.layers={spec} (to cover layers "
           f"{sorted(needed)})")
     cfg = overridden(config, {"locate.layers": spec})
-  report = locate.run_locate(cfg, workdir / "locate", progress=progress)
-  reports.write_json(path, report)
-  locate.plot(report, workdir / "locate" / "geometry.png")
-  return report, True
+  return locate.locate_into(cfg, workdir / "locate", progress=progress), True
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, layers: list[int], *,

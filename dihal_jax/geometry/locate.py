@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import jax
@@ -250,6 +251,18 @@ def run_locate(config: ml_collections.ConfigDict, workdir, *, progress: bool = T
   return {"layers": rows, "selected_layer": selected, "num_tokens": seen,
           "candidates": candidates, "weights": dict(c.weights),
           "timings": {"setup_s": setup_s, "stream_s": stream_s, "proxies_s": proxies_s}}
+
+
+def locate_into(config: ml_collections.ConfigDict, directory, *, plot_path=None,
+                progress: bool = True) -> dict:
+  """`run_locate` into `directory`, then its report.json and its plot (default
+  directory/geometry.png): what `dihal train` (bridge.layer=auto), the sweep and the demo
+  keep of a locate run."""
+  directory = Path(directory)
+  report = run_locate(config, directory, progress=progress)
+  reports.write_json(directory / "report.json", report)
+  plot(report, plot_path or directory / "geometry.png")
+  return report
 
 
 def plot(report: dict, path):
