@@ -46,6 +46,7 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
     assert row["ngram_ppl_ci"][0] <= row["ngram_ppl"] <= row["ngram_ppl_ci"][1], method
   assert report["judges"]["ngram"]["order"] == 4
   assert report["results"]["dihal_l0"]["layer"] == 0
+  assert report["mdm"]["step"] == 6 and "mdm" in report["continuation"]  # the preset's budget
   assert report["results"]["dihal"]["ar_share"] > 0
   assert report["results"]["oracle"]["ar_share"] > 0  # the blockwise readout of true states
   assert "oracle_lm_head" in report["results"] and "oracle_lm_head" in report["samples"]
