@@ -93,6 +93,7 @@ def test_left_padded_generation_matches_transformers(checkpoints, single_mesh):
   np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.slow
 def test_lower_upper_split_equals_forward_for_every_layer(checkpoints, single_mesh):
   model = load_model(checkpoints[("tiny_qwen3", 2)], mesh=single_mesh, rules=DEFAULT_RULES)
   tokens, mask = _batch(model.cfg.vocab_size, t=40)
@@ -165,6 +166,7 @@ def test_top_p_sampling_distribution():
   assert int(sample_next(logits, jax.random.key(1), 0.0, 1.0)[0]) == 0
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32(checkpoints, single_mesh):
   """bf16 matmuls with float32 accumulation: same argmax almost everywhere, small error."""
   path = checkpoints[("tiny_llama", 2)]

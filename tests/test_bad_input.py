@@ -128,6 +128,7 @@ def workdir(tmp_path) -> Path:
   return tmp_path / "workdir"
 
 
+@pytest.mark.slow
 def test_good_sharded_checkpoint_converts(sharded, tmp_path):
   """Control: the uncorrupted fixture converts, so each failure below is the corruption's."""
   wd = tmp_path / "wd"
@@ -138,6 +139,7 @@ def test_good_sharded_checkpoint_converts(sharded, tmp_path):
 
 # --- 1. a shard named in the index is missing ----------------------------------
 
+@pytest.mark.slow
 def test_missing_shard(sharded, tmp_path, workdir):
   bad = copy_of(sharded, tmp_path)
   weight_map = json.loads((bad / INDEX_FILE).read_text())["weight_map"]
@@ -154,12 +156,14 @@ def _truncate(path: Path):
   path.write_bytes(data[:len(data) // 2])
 
 
+@pytest.mark.slow
 def test_truncated_single_file(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   _truncate(bad / SINGLE_FILE)
   assert_rejected(bad, workdir, str(bad / SINGLE_FILE))
 
 
+@pytest.mark.slow
 def test_truncated_shard(sharded, tmp_path, workdir):
   bad = copy_of(sharded, tmp_path)
   victim = max(bad.glob("model-*.safetensors"), key=lambda p: p.stat().st_size)
@@ -167,6 +171,7 @@ def test_truncated_shard(sharded, tmp_path, workdir):
   assert_rejected(bad, workdir, str(victim))
 
 
+@pytest.mark.slow
 def test_truncated_index(sharded, tmp_path, workdir):
   bad = copy_of(sharded, tmp_path)
   _truncate(bad / INDEX_FILE)
@@ -175,6 +180,7 @@ def test_truncated_index(sharded, tmp_path, workdir):
 
 # --- 3. weight shapes disagree with the config ----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,tensor", [
     ("intermediate_size", r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight"),
     ("hidden_size", r"[\w.]+\.weight"),
@@ -189,6 +195,7 @@ def test_shape_mismatch(single, tmp_path, workdir, field, tensor):
 
 # --- 4. unknown model_type -----------------------------------------------------
 
+@pytest.mark.slow
 def test_unknown_model_type(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   edit_config(bad, model_type="gpt2")
@@ -197,6 +204,7 @@ def test_unknown_model_type(single, tmp_path, workdir):
 
 # --- 5. unknown rope type -------------------------------------------------------
 
+@pytest.mark.slow
 def test_unknown_rope_type(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   hf = json.loads((bad / "config.json").read_text())
@@ -206,6 +214,7 @@ def test_unknown_rope_type(single, tmp_path, workdir):
 
 # --- 6. more checkpoint damage --------------------------------------------------
 
+@pytest.mark.slow
 def test_missing_tensor(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   tensors = load_file(bad / SINGLE_FILE)
@@ -215,6 +224,7 @@ def test_missing_tensor(single, tmp_path, workdir):
   assert_rejected(bad, workdir, key, "missing")
 
 
+@pytest.mark.slow
 def test_tensor_listed_in_index_absent_from_shard(sharded, tmp_path, workdir):
   bad = copy_of(sharded, tmp_path)
   weight_map = json.loads((bad / INDEX_FILE).read_text())["weight_map"]
@@ -228,6 +238,7 @@ def test_tensor_listed_in_index_absent_from_shard(sharded, tmp_path, workdir):
   assert_rejected(bad, workdir, key, shard.name)
 
 
+@pytest.mark.slow
 def test_unexpected_tensor(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   tensors = load_file(bad / SINGLE_FILE)
@@ -236,24 +247,28 @@ def test_unexpected_tensor(single, tmp_path, workdir):
   assert_rejected(bad, workdir, "model.layers.0.self_attn.q_proj.bias", "unexpected")
 
 
+@pytest.mark.slow
 def test_config_json_missing(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   (bad / "config.json").unlink()
   assert_rejected(bad, workdir, "config.json")
 
 
+@pytest.mark.slow
 def test_config_json_not_json(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   (bad / "config.json").write_text('{"model_type": "llama",')
   assert_rejected(bad, workdir, "config.json", "JSON")
 
 
+@pytest.mark.slow
 def test_no_weights(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   (bad / SINGLE_FILE).unlink()
   assert_rejected(bad, workdir, SINGLE_FILE, INDEX_FILE)
 
 
+@pytest.mark.slow
 def test_checkpoint_not_a_directory(tmp_path, workdir):
   line = error_line(convert(tmp_path / "no_such_dir", workdir))
   assert "model.checkpoint" in line and "no_such_dir" in line
@@ -262,6 +277,7 @@ def test_checkpoint_not_a_directory(tmp_path, workdir):
 
 # --- 6. command line and workdir -------------------------------------------------
 
+@pytest.mark.slow
 def test_missing_workdir():
   line = error_line(run_cli("convert", f"--config={CONFIG}"))
   assert "--workdir" in line
@@ -309,6 +325,7 @@ def test_unknown_flag(workdir):
   assert "wrokdir" in line
 
 
+@pytest.mark.slow
 def test_unwritable_workdir(single, tmp_path):
   blocker = tmp_path / "a_regular_file"
   blocker.write_text("not a directory")
@@ -477,6 +494,7 @@ def test_lib_not_an_object():
     BackboneConfig.from_hf_config([1, 2])
 
 
+@pytest.mark.slow
 def test_malformed_config_value_via_cli(single, tmp_path, workdir):
   bad = copy_of(single, tmp_path)
   edit_config(bad, hidden_size="60")

@@ -196,6 +196,7 @@ def test_an_unwritable_directory_is_a_user_error(tmp_path):
     BridgeCheckpointer(tmp_path / "file" / "ckpt", save_every=1, max_to_keep=1, config={})
 
 
+@pytest.mark.slow
 def test_restore_in_a_fresh_process(tmp_path):
   _, states = _train(tmp_path / "ckpt", 4)
   np.save(tmp_path / "w.npy", np.asarray(states[4]["params"]["w"]))

@@ -210,6 +210,7 @@ def test_ddim_gaussian_flow_and_one_step_collapse():
   assert one.std() == pytest.approx(a * s ** 2 / (a ** 2 * s ** 2 + sigma ** 2), rel=0.05)
 
 
+@pytest.mark.slow
 def test_ddpm_equals_ddim_with_eta_one_and_jits():
   """Same key, same draws: the posterior step and DDIM at eta = 1 are the same update."""
   ddpm = DiffusionConfig(prediction="v", sampler="ddpm", steps=20)
@@ -281,6 +282,7 @@ def inpaint(x0_fn, cfg):
   return np.asarray(x)
 
 
+@pytest.mark.slow
 def test_inpainting_keeps_known_values_exactly():
   cfg = DiffusionConfig(steps=8, sampler="ddpm")
   keys = jax.random.split(KEY, 2)
@@ -416,6 +418,7 @@ def test_sampling_from_a_partly_noised_start_keeps_the_mixture():
     sample(denoiser(mixture_x0, cfg), KEY, (2, 1, 1), cfg, t_start=0.0)
 
 
+@pytest.mark.slow
 def test_self_conditioning_feeds_the_previous_x0_estimate():
   """x0-prediction model out = x0_prev + 1. Deterministic DDIM, 3 steps: estimates 1, 2, 3, and
   the last step (σ_s = 0) returns the last estimate. Without self-conditioning: 1."""

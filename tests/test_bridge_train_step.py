@@ -144,6 +144,7 @@ def test_sample_known_mask_frequencies_and_shapes():
   assert lengths.max() == n and lengths.min() == 1
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_ema_follows_recursion(init_params, step8):
   state = _fresh(init_params)
   ema = _np_params(state)  # EMA starts at the initial params
@@ -160,6 +161,7 @@ def test_loss_decreases_and_ema_follows_recursion(init_params, step8):
   assert max(np.max(np.abs(e - p)) for e, p in zip(ema, trajectory[-1])) > 1e-3
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_single_device(init_params, step8, step1):
   s8, losses8, _ = _run(step8, _fresh(init_params), 3)
   s1, losses1, _ = _run(step1, _fresh(init_params), 3)
@@ -209,6 +211,7 @@ class _Recorder(nnx.Module):
     return x_t * self.w[...]
 
 
+@pytest.mark.slow
 def test_self_conditioning_and_label_dropout_inputs():
   """Second pass gets stop-gradient x0 estimates for ~p of the rows and zeros for the rest;
   labels are nulled with probability label_dropout."""
@@ -229,6 +232,7 @@ def test_self_conditioning_and_label_dropout_inputs():
   np.testing.assert_array_equal(np.asarray(labels1), np.asarray(labels2))
 
 
+@pytest.mark.slow
 def test_self_conditioned_unet_trains():
   cfg = dataclasses.replace(CFG, self_condition=True, num_classes=3, dropout=0.0)
   model = UNet(D, cfg, rngs=nnx.Rngs(0))

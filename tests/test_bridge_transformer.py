@@ -38,6 +38,7 @@ def _torch_hidden(torch_model, tokens):
   return [h.numpy() for h in out.hidden_states], out.logits.numpy()
 
 
+@pytest.mark.slow
 def test_backbone_init_is_the_backbone_at_step_0(models):
   """Copied blocks with identity modulation compute h_{l+m} from h_l. With one position the
   bidirectional mask equals the causal one, so transformers' hidden states are the answer."""
@@ -57,6 +58,7 @@ def test_backbone_init_is_the_backbone_at_step_0(models):
   assert float(jnp.max(jnp.abs(pred))) == 0.0
 
 
+@pytest.mark.slow
 def test_attention_is_bidirectional_and_known_positions_are_clean(models):
   model, _ = models
   d = model.cfg.hidden_size
@@ -138,6 +140,7 @@ def test_identity_head_is_exact_at_layer_0(models):
   np.testing.assert_array_equal(np.asarray(head(h0)), text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beta", [0.0, 0.7])
 def test_joint_readout_greedy_matches_torch_and_numpy(models, beta):
   """T = 0: token_i = argmax(torch logits[i-1] + β log p_id(· | h_i)), p_id in float64 NumPy."""
@@ -167,6 +170,7 @@ def test_joint_readout_greedy_matches_torch_and_numpy(models, beta):
   np.testing.assert_array_equal(got[:, 1:], score.argmax(-1))
 
 
+@pytest.mark.slow
 def test_joint_oracle_returns_the_text_when_the_head_is_sharp(models):
   """At layer 0 the states are embedding rows: with β large the joint readout of the true
   states is the text itself, whatever the LM prefers."""

@@ -79,6 +79,7 @@ def main_model():
 
 # --- 1. shapes, dtypes, input validation ------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg, n", [(MAIN, N), (MAIN, 32), (THREE_LEVELS, N),
                                     (NO_ATTENTION, N)])
 def test_output_shape_and_dtype(cfg, n):
@@ -97,6 +98,7 @@ def test_output_shape_and_dtype(cfg, n):
   assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_returns_float32_close_to_float32(main_model):
   args = _inputs() + (LABELS, _inputs()[0])
   ref = _apply(main_model, *args)
@@ -106,6 +108,7 @@ def test_bfloat16_compute_returns_float32_close_to_float32(main_model):
   assert 0 < rel < 0.05, rel
 
 
+@pytest.mark.slow
 def test_labels_time_and_self_conditioning_change_the_output(main_model):
   x_t, t, mask, known = _inputs()
   zeros, null = jnp.zeros_like(x_t), jnp.full((B,), -1)
@@ -120,6 +123,7 @@ def test_labels_time_and_self_conditioning_change_the_output(main_model):
                          atol=1e-4)
 
 
+@pytest.mark.slow
 def test_dropout_only_when_not_deterministic():
   model = _model()
   args = _inputs() + (LABELS, _inputs()[0])
@@ -130,6 +134,7 @@ def test_dropout_only_when_not_deterministic():
   assert not np.allclose(a, b, atol=1e-4) and not np.allclose(b, c, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_inputs_raise():
   model = _model(THREE_LEVELS)  # n must be a multiple of 4
   x_t, t, mask, known = _inputs(18)
@@ -161,6 +166,7 @@ def test_bad_config_raises(change, match):
 
 # --- 2. the real init: zero output, one optimizer step -----------------------------------
 
+@pytest.mark.slow
 def test_initial_output_is_zero_and_one_adam_step_lowers_the_loss():
   # Few distinct parameter shapes and an RBG key: the same initializers, cheaper to compile.
   cfg = UNetConfig(channels=8, channel_mults=(1, 1), blocks_per_level=1, attention_levels=(1,),
@@ -267,6 +273,7 @@ def test_self_attention_matches_numpy():
 
 # --- 4. bidirectional ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [MAIN, THREE_LEVELS])
 def test_information_flows_both_ways(cfg, main_model):
   model = main_model if cfg is MAIN else _model(cfg)

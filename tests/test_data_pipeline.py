@@ -118,6 +118,7 @@ def tiny_llama(tiny_checkpoints):
   return tiny_checkpoints["tiny_llama"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
 def test_sharded_hidden_stream_matches_single_device(tiny_llama, mesh_shape):
   mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
@@ -135,6 +136,7 @@ def test_sharded_hidden_stream_matches_single_device(tiny_llama, mesh_shape):
       np.testing.assert_allclose(np.asarray(h), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_hidden_cache_hits_and_invalidates(tiny_llama, tmp_path):
   mesh = make_mesh({"data": 1})
   model = load_model(tiny_llama, mesh=mesh, rules=DEFAULT_RULES)
@@ -212,6 +214,7 @@ def _dihal_data(tmp_path, *overrides):
        *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_dihal_data_command_on_the_shipped_corpora(tmp_path):
   proc = _dihal_data(tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -230,6 +233,7 @@ def _write_book(folder, name, chapters=6, repeat=3):
   (folder / name).write_text("Title page\n\n" + body)
 
 
+@pytest.mark.slow
 def test_dihal_data_command_on_a_user_folder(tmp_path):
   for b in range(2):
     _write_book(tmp_path / "mine", f"book{b}.txt")
@@ -240,6 +244,7 @@ def test_dihal_data_command_on_a_user_folder(tmp_path):
   assert sum(s["documents"] for s in report["splits"].values()) == 12 and report["ood"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "empty", "not_utf8", "too_short", "window_too_long"])
 def test_dihal_data_bad_input_exits_2(tmp_path, case):
   folder = tmp_path / "corpus"

@@ -154,6 +154,7 @@ def test_entropy_ci_is_centred_with_scipys_standard_error():
 
 # --- MAUVE and the encoder ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mauve_identical_sets_near_one_disjoint_near_zero():
   rng = np.random.default_rng(0)
   p = rng.normal(size=(300, 32))

@@ -90,6 +90,7 @@ def test_memorization_large_against_naive():
   assert metrics.memorization(gen, train_set) == expected
 
 
+@pytest.mark.slow
 def test_gen_ppl_matches_transformers(tiny_checkpoints):
   path = tiny_checkpoints["tiny_llama"]
   model = load_model(path, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES)

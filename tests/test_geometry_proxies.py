@@ -100,6 +100,7 @@ def test_effective_rank_matches_reference():
   np.testing.assert_allclose(float(effective_rank_from_cov(cov64)), ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,d,cfg", [
     (600, 24, ProxyConfig(k=16, flat_dim=4, anchors=64, pairs=2048)),  # sampled pairs, d > k
     (60, 5, ProxyConfig(k=12, flat_dim=2, anchors=60, pairs=4096)),    # all pairs, d < k
@@ -149,6 +150,7 @@ def test_effective_rank_of_rank_5_gaussian():
   assert abs(float(effective_rank(X, KEY)) - 5) < 0.03 * 5
 
 
+@pytest.mark.slow
 def test_curvature_of_plane_and_sphere():
   cfg = ProxyConfig(k=32, flat_dim=2, anchors=128)
   rng = np.random.default_rng(8)

@@ -41,6 +41,7 @@ def _torch_argmax(torch_model, tokens):
     return torch_model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.argmax(-1)
 
 
+@pytest.mark.slow
 def test_blockwise_with_blocks_of_one_is_greedy_decoding(models):
   """Block size 1: each token is read at the last real prefix position, so blockwise at
   temperature 0 is the backbone's greedy decoding whatever the bridge samples."""
@@ -207,6 +208,7 @@ def test_sample_and_eval_without_a_trained_bridge_exit_2(tmp_path):
   assert proc.returncode == 2 and "bogus" in proc.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_oracle_blockwise_in_one_block_is_the_teacher_forced_argmax(models):
   """The oracle's stand-in bridge returns the true states; with one block over the whole
   window every read position sees only true states, so blockwise at temperature 0 gives the

@@ -319,6 +319,7 @@ def test_local_multiprocess_runs_each_process_as_printed(box):
   assert_ran_as_printed(printed, calls)
 
 
+@pytest.mark.slow
 def test_local_multiprocess_one_failure_stops_all(box):
   res = box.run("local_multiprocess.sh", "-n", "3", env={"FAKE_FAIL_ID": "1"}, timeout=20)
   assert res.returncode == 3

@@ -50,6 +50,7 @@ def test_score_is_the_weighted_sum_of_z_scores():
     locate.score_layers(rows, {"sharpness": 1.0})
 
 
+@pytest.mark.slow
 def test_collect_moments_and_reservoir_match_the_model(tiny_checkpoints):
   mesh = make_mesh({"data": 1})
   model = load_model(tiny_checkpoints["tiny_llama"], mesh=mesh, rules=DEFAULT_RULES)
@@ -76,6 +77,7 @@ def _small(config, tmp_path):
   return config
 
 
+@pytest.mark.slow
 def test_run_locate_report_and_eight_devices_agree(tmp_path):
   one = _small(load_config("tiny_llama"), tmp_path)
   one.mesh.data = 1
@@ -100,6 +102,7 @@ def _dihal_locate(tmp_path, *overrides):
       cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_dihal_locate_writes_report_and_plot(tmp_path):
   proc = _dihal_locate(tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -109,6 +112,7 @@ def test_dihal_locate_writes_report_and_plot(tmp_path):
   assert "selected layer" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["--config.locate.layers=7"], "locate.layers"),
     (["--config.locate.reservoir=5000"], "locate.reservoir"),

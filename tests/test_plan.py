@@ -64,6 +64,7 @@ def models():
 
 # --- library: bytes against closed forms -------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(COUNTS))
 @pytest.mark.parametrize("topology", TOPOLOGY_NAMES)
 def test_backbone_bytes_per_device(models, name, topology):
@@ -143,6 +144,7 @@ def test_estimates_closed_form(models):
 
 # --- fits and suggestions -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_replicated_8b_does_not_fit_v5e(models):
   """16 GB of bf16 weights on every 16 GiB chip: no; the suggestion shards them and fits."""
   config = models["llama3_1_8b_instruct"].config
@@ -154,6 +156,7 @@ def test_replicated_8b_does_not_fit_v5e(models):
   assert plan.make_plan(config, topology, mesh=suggested)["fits"]
 
 
+@pytest.mark.slow
 def test_huge_batch_fits_nowhere():
   config = load_config("llama3_1_8b_instruct")
   with config.unlocked():
@@ -209,6 +212,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
   return lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5e-8", "v4-32", "v5p-8", "h100x16"])
 @pytest.mark.parametrize("name", list(COUNTS))
 def test_cli_prints_plan(name, topology):
@@ -221,6 +225,7 @@ def test_cli_prints_plan(name, topology):
   assert "estimate" in out and out.rstrip().endswith("fits: True")
 
 
+@pytest.mark.slow
 def test_cli_out_json(tmp_path):
   out = tmp_path / "sub" / "plan.json"
   result = run_plan("--config=configs/qwen3_8b.py", "--topology=h100x16", f"--out={out}")
@@ -239,6 +244,7 @@ def test_cli_out_json(tmp_path):
   assert [p.name for p in out.parent.iterdir()] == ["plan.json"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,names", [
     (("--topology=v9-9",), ("--topology", "v9-9", "v5e-8")),
     ((), ("--topology",)),
@@ -251,6 +257,7 @@ def test_cli_bad_input(args, names):
     assert name in line, (name, line)
 
 
+@pytest.mark.slow
 def test_cli_bad_out(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
@@ -263,6 +270,7 @@ def test_cli_bad_out(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.slow
 def test_cli_compile_tiny(tmp_path):
   """--compile without XLA_FLAGS: the CLI asks for 8 CPU devices itself, and reports XLA's
   memory analysis of both programs beside the estimate."""

@@ -147,6 +147,7 @@ _BATCH_SPECS = {(8, 1, 1): P("data", None), (1, 8, 1): P("fsdp", None),
                 (2, 2, 2): P(("data", "fsdp"), None), (1, 2, 4): P("fsdp", None)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", MODELS)
 def test_sharded_forward_matches_single_device(name, shape, checkpoints, reference):
@@ -245,6 +246,7 @@ def test_make_mesh_shapes_and_errors():
 
 # --- init_model ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hf", [WIDE_HF, "tiny_llama"], ids=["wide_llama", "tiny_llama"])
 def test_init_model_params_are_born_sharded(hf):
   from conftest import load_config
