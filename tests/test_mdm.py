@@ -151,6 +151,7 @@ def test_confidence_order_reveals_the_most_confident_position_first():
   del target
 
 
+@pytest.mark.slow
 def test_one_device_step_equals_the_eight_device_step(models):
   model, _ = models
   tokens = np.random.default_rng(1).integers(3, 300, (8, 16)).astype(np.int32)

@@ -75,6 +75,12 @@ REFERENCE_ROWS = ("real_text", "oracle", "oracle_lm_head", "ar_backbone") + CALI
 METHODS = (REFERENCE_ROWS + ("dihal",) + tuple(f"dihal_{m}" for m in MODES) + L0_ROWS
            + ("mdm",))
 TASKS = ("unconditional", "continuation")  # key streams: fold_in(seed key, task index)
+# The other key streams of the seed key, apart from the tasks' 0 and 1 (values fixed so that
+# committed results stay reproducible): the oracle rows' readout draws, and the bridge
+# diagnostics (whose key then folds in i for the noise, 100 + i for the sampler, at noise
+# level i).
+ORACLE_STREAM = 7
+DIAGNOSTICS_STREAM = 1000
 SET_NAMES = {"test": "Austen test", "ood": "Moby Dick (OOD)"}
 
 
@@ -248,7 +254,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
         if method.startswith("oracle"):
           mode = oracle_mode if method == "oracle" else "lm_head"
           tokens = oracle_tokens(gens.readers["main"], real_h["main"],
-                                 jax.random.fold_in(key, 7), cfg, mode, gens.head, batch)
+                                 jax.random.fold_in(key, ORACLE_STREAM), cfg, mode, gens.head, batch)
           if set_name == "test":
             oracle_text[method] = tokens
         row = judges.score(tokens, reference=reference_features)
@@ -262,7 +268,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
                     else gens.head)
           diagnostics[which, set_name] = bridge_diagnostics(
               bridge, real, real_h[which], decode, tuple(e.noise_levels),
-              jax.random.fold_in(key, 1000))
+              jax.random.fold_in(key, DIAGNOSTICS_STREAM))
         gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states[method])))[:, 1:]
         real_z = np.asarray(bridge.norm.forward(jnp.asarray(real_h[which])))[:, 1:]
         row["spread_ratio"] = metrics.spread_ratio(gen_z, real_z)

@@ -30,7 +30,7 @@ from dihal_jax.backbone.model import Decoder
 from dihal_jax.eval.calibration import CountSampler
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge
 from dihal_jax.bridge.token_head import ClassMeanHead
-from dihal_jax.hybrid.readout import Readout, ReadoutConfig, nearest_embedding
+from dihal_jax.hybrid.readout import ReadoutConfig, nearest_embedding
 from dihal_jax.mdm import sampler as mdm_sampler
 from dihal_jax.mdm.train import TrainedMDM
 
