@@ -166,6 +166,24 @@ def test_top_p_sampling_distribution():
   assert int(sample_next(logits, jax.random.key(1), 0.0, 1.0)[0]) == 0
 
 
+def test_top_p_filter_equals_a_sorted_float64_nucleus():
+  """The bisection keeps exactly the tokens a float64 sort-and-cumsum nucleus keeps."""
+  from dihal_jax.backbone.generate import top_p_filter
+  rng = np.random.default_rng(0)
+  for scale, vocab, top_p in ((1.0, 1000, 0.9), (4.0, 5000, 0.5), (0.1, 300, 0.99),
+                              (8.0, 50, 0.3)):
+    logits = rng.normal(size=(6, vocab)) * scale
+    x = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1)
+    before = np.cumsum(np.take_along_axis(probs, order, -1), -1) - np.take_along_axis(
+        probs, order, -1)
+    want = np.zeros_like(probs, bool)
+    np.put_along_axis(want, order, before < top_p, -1)
+    got = np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits, jnp.float32), top_p)))
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32(checkpoints, single_mesh):
   """bf16 matmuls with float32 accumulation: same argmax almost everywhere, small error."""

@@ -21,13 +21,30 @@ from flax import nnx
 from dihal_jax.backbone.model import Decoder
 
 
+TOP_P_BISECTIONS = 48  # float32 thresholds in (0, max p]: converged well before 48 halvings
+
+
 def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
-  """Keeps the smallest set of tokens whose probability mass reaches top_p (nucleus)."""
-  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-  return jnp.where(logits < cutoff, -jnp.inf, logits)
+  """Keeps the smallest set of tokens whose probability mass reaches top_p (nucleus).
+
+  The nucleus is {i : p_i >= tau} for the largest tau whose set still holds top_p of the
+  mass; tau is found by bisection (each halving one masked sum over the vocabulary) instead
+  of sorting the vocabulary: on CPU a sort of [32, 64, 49152] logits takes ~50x longer.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  lo = jnp.zeros(probs.shape[:-1] + (1,), jnp.float32)  # mass(lo) = 1 >= top_p
+  hi = jnp.max(probs, axis=-1, keepdims=True)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    enough = jnp.sum(jnp.where(probs >= mid, probs, 0.0), axis=-1, keepdims=True) >= top_p
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, TOP_P_BISECTIONS, halve, (lo, hi))
+  mass_hi = jnp.sum(jnp.where(probs >= hi, probs, 0.0), axis=-1, keepdims=True)
+  tau = jnp.where(mass_hi >= top_p, hi, lo)
+  return jnp.where(probs >= tau, logits, -jnp.inf)
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
