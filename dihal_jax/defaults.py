@@ -111,7 +111,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.val_windows = 256  # validation windows (fixed batch, fixed key)
 
   c.mdm = ml_collections.ConfigDict()  # dihal mdm: the backbone post-trained into an MDM (mdm/)
-  c.mdm.steps = -1  # optimizer steps; -1 = the bridge's budget (train.steps x train.batch_size windows)
+  c.mdm.steps = -1  # optimizer steps; -1 = the bridge's windows (train.steps x train.batch_size)
   c.mdm.batch_size = 16  # global windows per step
   c.mdm.lr = 1e-4  # all weights are trained: a fine-tuning rate, not the bridge's
   c.mdm.warmup_steps = 50
@@ -140,6 +140,7 @@ def base() -> ml_collections.ConfigDict:
   c.sample.gap = 8  # infill: positions per [___]
   c.sample.batch = 32  # samples per jitted call
   c.sample.method = "bridge"  # dihal sample: "bridge" (DiHAL) or "mdm" (the dihal mdm model)
+  c.sample.mdm_steps = 32  # mdm: reveal steps (each one forward pass of the whole window)
   c.sample.unmask = "confidence"  # mdm: which masked positions a step reveals: confidence | random
   c.sample.mdm_block = 0  # mdm: semi-autoregressive blocks of this many positions (0 = one block)
 

@@ -81,14 +81,14 @@ PRESETS = {
               # The MDM row at a token budget 1/40 of the bridge's (all 135 M weights train:
               # ~6 s a step here), enough to show the row, not to judge the method.
               "mdm.steps": 20, "mdm.batch_size": 8, "mdm.warmup_steps": 5,
-              "mdm.checkpoint_every": 20, "mdm.val_every": 20},
+              "mdm.checkpoint_every": 20, "mdm.val_every": 20, "sample.mdm_steps": 8},
     # The test suite's smoke run (tiny random model).
     "smoke": {"train.steps": 12, "train.warmup_steps": 3, "train.checkpoint_every": 12,
               "train.val_every": 6, "train.cache_windows": 32, "train.val_windows": 8,
               "train.batch_size": 8, "bridge.unet.channels": 16, "bridge.unet.heads": 2,
               "bridge.unet.groups": 4, "sample.steps": 4, "sample.batch": 8, "eval.num": 8,
               "mdm.steps": 6, "mdm.batch_size": 8, "mdm.warmup_steps": 2,
-              "mdm.checkpoint_every": 6, "mdm.val_every": 6},
+              "mdm.checkpoint_every": 6, "mdm.val_every": 6, "sample.mdm_steps": 4},
     # `dihal demo --config.demo.preset=full`: the strongest bridge that fits about an hour of
     # 2 CPU cores (default UNet C = 128, self-conditioning), 512 samples per row (MAUVE needs
     # >= 500), 50 steps.

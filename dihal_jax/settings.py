@@ -46,7 +46,7 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
   mdm_train.check(config.mdm)
   _need(config.sample.method in ("bridge", "mdm"), f"--config.sample.method="
         f"{config.sample.method!r}: expected bridge or mdm")
-  mdm_sampler.check(config.sample.steps, config.sample.unmask, config.sample.mdm_block,
+  mdm_sampler.check(config.sample.mdm_steps, config.sample.unmask, config.sample.mdm_block,
                     config.sample.length or d.window)
   if command in TRAINS:
     _check_train(config.train)

@@ -108,13 +108,14 @@ def test_sigterm_saves_and_exits_0(uninterrupted):
 
 def test_sample_with_a_prompt_and_an_infill(uninterrupted):
   tmp_path, run = uninterrupted
-  proc = _run(tmp_path, run, "--method=mdm", "--num=3", "--steps=4", "--prompt=It is a truth",
+  proc = _run(tmp_path, run, "--method=mdm", "--num=3", "--config.sample.mdm_steps=4",
+              "--prompt=It is a truth",
               "--config.sample.mdm_block=16", command="sample")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
   assert len(rows) == 3 and all(r["text"].startswith("It is a truth") for r in rows)
   assert all(len(r["tokens"]) == 64 and 259 not in r["tokens"] for r in rows)  # nothing masked
-  proc = _run(tmp_path, run, "--method=mdm", "--num=2", "--steps=4",
+  proc = _run(tmp_path, run, "--method=mdm", "--num=2", "--config.sample.mdm_steps=4",
               "--infill=She said [___] and left.", command="sample")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]

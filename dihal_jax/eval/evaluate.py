@@ -205,9 +205,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
     gens.l0 = _l0_bridge(config, workdir, progress)
     gens.readers["l0"] = Readout(backbone, 0, data.separator)
   if "mdm" in methods:
-    mdm_sampler.check(cfg.steps, config.sample.unmask, config.sample.mdm_block, n)
+    s = config.sample
+    mdm_sampler.check(s.mdm_steps, s.unmask, s.mdm_block, n)
     gens.mdm = _mdm(config, workdir, progress)
-    gens.unmask, gens.mdm_block = config.sample.unmask, config.sample.mdm_block
+    gens.unmask, gens.mdm_block, gens.mdm_steps = s.unmask, s.mdm_block, s.mdm_steps
   oracle_mode = config.sample.readout if config.sample.readout != "refine" else "lm_head"
   if oracle_mode in ("identity", "joint") and gens.head is None:
     oracle_mode = "lm_head"  # the current-token head comes with a trained bridge
@@ -254,7 +255,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
         if method.startswith("oracle"):
           mode = oracle_mode if method == "oracle" else "lm_head"
           tokens = oracle_tokens(gens.readers["main"], real_h["main"],
-                                 jax.random.fold_in(key, ORACLE_STREAM), cfg, mode, gens.head, batch)
+                                 jax.random.fold_in(key, ORACLE_STREAM), cfg, mode, gens.head,
+                                 batch)
           if set_name == "test":
             oracle_text[method] = tokens
         row = judges.score(tokens, reference=reference_features)
@@ -317,6 +319,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        "l0_step": gens.l0.step if gens.l0 else None},
             "mdm": ({"step": gens.mdm.step, "mask_id": gens.mdm.mask_id,
                      "shift": gens.mdm.shift, "unmask": gens.unmask,
+                     "steps": gens.mdm_steps,
                      "block": gens.mdm_block} if gens.mdm else None),
             "readout": dict(mode=config.sample.readout, oracle_mode=oracle_mode,
                             **cfg.__dict__),

@@ -14,7 +14,7 @@ first sample of h_l [N, n, d] or None).
   embedding_rounding   the l = 0 bridge's states rounded to the nearest embedding row
                        (Diffusion-LM style), no transformer.
   mdm                  the backbone post-trained into a masked diffusion model (`dihal mdm`),
-                       sample.steps reveal steps (sample.unmask, sample.mdm_block).
+                       sample.mdm_steps reveal steps (sample.unmask, sample.mdm_block).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class RowGenerators:
   mdm: TrainedMDM | None = None  # the masked diffusion model
   unmask: str = "confidence"  # its sampler's order (sample.unmask)
   mdm_block: int = 0  # its semi-AR block (sample.mdm_block)
+  mdm_steps: int = 32  # its reveal steps (sample.mdm_steps)
 
   def mode(self, method: str) -> str | None:
     """The readout mode of a bridge row (None for the rows without a bridge)."""
@@ -74,7 +75,7 @@ class RowGenerators:
       rows = [mdm_sampler.sample(
           self.mdm.model, given[i:i + self.batch], known[i:i + self.batch],
           jax.random.fold_in(key, i), mask_id=self.mdm.mask_id, shift=self.mdm.shift,
-          steps=self.readout.steps, unmask=self.unmask, block=self.mdm_block,
+          steps=self.mdm_steps, unmask=self.unmask, block=self.mdm_block,
           temperature=self.readout.temperature, top_p=self.readout.top_p)
               for i in range(0, num, self.batch)]
       return np.concatenate(rows), None

@@ -2,7 +2,7 @@
 
 The same templates as the bridge's `dihal sample` (separator at position 0, a `--prompt`
 prefix, `--infill` text whose `[___]` gaps become `sample.gap` unknown positions each);
-the unknown positions are revealed by mdm/sampler.py in `sample.steps` steps
+the unknown positions are revealed by mdm/sampler.py in `sample.mdm_steps` steps
 (`sample.unmask`, `sample.mdm_block`, `sample.temperature`, `sample.top_p`), in batches
 of `sample.batch`.
 """
@@ -50,13 +50,13 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str | Path, *, prompt
     row = np.full(length, separator, np.int32)
     row[1:1 + len(ids)] = ids
     known_row = np.arange(length) < 1 + len(ids)
-  sampler.check(s.steps, s.unmask, s.mdm_block, len(row))
+  sampler.check(s.mdm_steps, s.unmask, s.mdm_block, len(row))
   tokens, known = np.tile(row, (s.num, 1)), np.tile(known_row, (s.num, 1))
   out = []
   for i in tqdm(range(0, s.num, s.batch), desc="sample (mdm)", disable=not progress):
     out.append(sampler.sample(mdm.model, tokens[i:i + s.batch], known[i:i + s.batch],
                               jax.random.fold_in(jax.random.key(config.seed), i),
-                              mask_id=mdm.mask_id, shift=mdm.shift, steps=s.steps,
+                              mask_id=mdm.mask_id, shift=mdm.shift, steps=s.mdm_steps,
                               unmask=s.unmask, block=s.mdm_block, temperature=s.temperature,
                               top_p=s.top_p))
   generated = np.concatenate(out)
@@ -66,5 +66,5 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str | Path, *, prompt
   reports.write_text(workdir / "samples.jsonl", "\n".join(lines) + "\n")
   return {"samples": str(workdir / "samples.jsonl"), "num": int(len(generated)),
           "length": int(generated.shape[1]), "readout": f"mdm, {s.unmask}", "mdm_step": mdm.step,
-          "steps": s.steps, **condition,
+          "steps": s.mdm_steps, **condition,
           "preview": [tokenizer.decode(r[1:].tolist()) for r in generated[:3]]}

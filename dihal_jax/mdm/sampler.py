@@ -1,12 +1,12 @@
 """Sampling a masked diffusion model: reveal masked positions over `steps` parallel passes.
 
 Start: every unknown position holds the mask id (known positions: the separator, a
-prompt, the text around an infill gap). Step s of S (time t_s = 1 - s/S): one
-bidirectional forward pass gives a distribution per masked position (through the
-shift when the model was trained with it); a token is drawn at each (temperature,
-top-p); then as many positions are revealed as the linear schedule asks for
-(round(M·t_s) - round(M·t_{s+1}) of the M unknown positions of the block), the rest
-stay masked. Revealed tokens never change (MDLM's carry-over).
+prompt, the text around an infill gap). Step s of S = sample.mdm_steps (time
+t_s = 1 - s/S): one bidirectional forward pass gives a distribution per masked
+position (through the shift when the model was trained with it); a token is drawn at
+each (temperature, top-p); then as many positions are revealed as the linear schedule
+asks for (round(M·t_s) - round(M·t_{s+1}) of the M unknown positions of the block), the
+rest stay masked. Revealed tokens never change (MDLM's carry-over).
 
 Which positions: `random` picks uniformly among the masked ones (MDLM's ancestral
 sampler with the revealed count fixed per step instead of drawn), `confidence`
@@ -35,7 +35,7 @@ UNMASK = ("confidence", "random")
 def check(steps: int, unmask: str, block: int, length: int) -> None:
   """One `dihal: error:` line for bad sampler settings."""
   if steps < 1:
-    raise UserInputError(f"--config.sample.steps={steps}: expected >= 1")
+    raise UserInputError(f"--config.sample.mdm_steps={steps}: expected >= 1")
   if unmask not in UNMASK:
     raise UserInputError(f"--config.sample.unmask={unmask!r}: expected one of "
                          f"{', '.join(UNMASK)}")
