@@ -72,11 +72,6 @@ def interface_layer(config: ml_collections.ConfigDict, workdir: Path) -> int:
   return int(json.loads(report_path.read_text())["selected_layer"])
 
 
-def _checkpoint_state(state):
-  return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state,
-          "ema": state.ema, "step": state.step}
-
-
 def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
               progress: bool = True) -> dict:
   workdir = Path(workdir)
@@ -139,7 +134,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   checkpointer = BridgeCheckpointer(workdir / "checkpoints", save_every=t.checkpoint_every,
                                     max_to_keep=t.max_to_keep, config=config.to_dict(),
                                     ignore_fields=RESUMABLE_CHANGES, sections=STATE_SECTIONS)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint_state(state))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
   restored = checkpointer.restore_latest(abstract, batches)
   start = 0
   if restored is not None:
@@ -186,7 +181,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           log.write(json.dumps(row) + "\n")
           log.flush()
           bar.set_postfix(loss=f"{loss:.4f}")
-        checkpointer.save(done, _checkpoint_state(state), batches, extra,
+        checkpointer.save(done, state.checkpoint_items(), batches, extra,
                           force=stop["sigterm"] or done == t.steps)
         if stop["sigterm"]:
           print(f"SIGTERM: saved step {done}, exiting")

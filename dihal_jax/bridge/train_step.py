@@ -168,6 +168,11 @@ class TrainState:
     """The denoiser with the current (or EMA) parameters."""
     return nnx.merge(self.graphdef, self.ema if ema else self.params, self.rest)
 
+  def checkpoint_items(self) -> dict:
+    """The arrays a checkpoint holds (everything but the static graphdef)."""
+    return {"params": self.params, "rest": self.rest, "opt_state": self.opt_state,
+            "ema": self.ema, "step": self.step}
+
 
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> TrainState:
   """Step 0: params from `model`, fresh optimizer state, EMA = a copy of the params."""

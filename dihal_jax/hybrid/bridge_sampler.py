@@ -124,9 +124,7 @@ def load_bridge(workdir: str | Path, mesh: jax.sharding.Mesh | None = None, *,
                         weight_decay=t["weight_decay"], clip_norm=t["clip_norm"],
                         ema_decay=t["ema_decay"])
     state = built["state"] = init_train_state(model, make_optimizer(optim))
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                        {"params": state.params, "rest": state.rest, "opt_state": state.opt_state,
-                         "ema": state.ema, "step": state.step})
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
 
   step, restored, extra, config = read_latest(Path(workdir) / "checkpoints", abstract)
   params = (restored["ema"], restored["rest"])

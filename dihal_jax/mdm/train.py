@@ -195,11 +195,6 @@ def _val_loss_fn(graphdef, key, mask_id: int, shift: bool):
   return val_loss
 
 
-def _checkpoint_state(state: TrainState) -> dict:
-  return {"params": state.params, "rest": state.rest, "opt_state": state.opt_state,
-          "ema": state.ema, "step": state.step}
-
-
 def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
             progress: bool = True) -> dict:
   """Trains (or resumes, or extends) the MDM of `workdir`; returns the run's report."""
@@ -222,7 +217,7 @@ def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   checkpointer = BridgeCheckpointer(workdir / "checkpoints", save_every=m.checkpoint_every,
                                     max_to_keep=m.max_to_keep, config=config.to_dict(),
                                     ignore_fields=RESUMABLE_CHANGES, sections=STATE_SECTIONS)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint_state(state))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
   restored = checkpointer.restore_latest(abstract, batches)
   start = 0
   if restored is not None:
@@ -267,7 +262,7 @@ def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
           log.write(json.dumps(row) + "\n")
           log.flush()
           bar.set_postfix(loss=f"{loss:.3f}")
-        checkpointer.save(done, _checkpoint_state(state), batches, extra,
+        checkpointer.save(done, state.checkpoint_items(), batches, extra,
                           force=stop["sigterm"] or done == steps)
         if stop["sigterm"]:
           print(f"SIGTERM: saved step {done}, exiting")
@@ -309,7 +304,7 @@ def load_mdm(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainedM
         ml_collections.ConfigDict(stored))
     state = holder["state"] = jax.eval_shape(lambda: init_train_state(
         Decoder(arch, rngs=nnx.Rngs(0)), make_optimizer(optim)))
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint_state(state))
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
 
   step, restored, extra, _ = read_latest(ckpt, abstract, what=MISSING)
   model = nnx.merge(holder["state"].graphdef, restored["ema"], restored["rest"])
