@@ -83,7 +83,7 @@ def test_causal_pattern_at_rate_0_is_the_backbone_and_bidirectional_matches_torc
                 attention_mask=torch.ones(2, 1, 12, 12, dtype=torch.bool)).logits.numpy()
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens), attention=pattern)), causal,
                              atol=2e-5)
-  got = np.asarray(model(jnp.asarray(tokens), attention=attention.bidirectional(2, 12)))
+  got = np.asarray(model(jnp.asarray(tokens), attention=attention.bidirectional(12)))
   np.testing.assert_allclose(got, bidir, atol=2e-5)
   assert np.abs(bidir - causal).max() > 0.1  # the patterns really differ
 

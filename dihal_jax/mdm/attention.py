@@ -4,7 +4,7 @@ An MDM sees the whole window: attention is bidirectional. Switching a causal mod
 bidirectional at once perturbs every layer; DiffuLLaMA anneals instead: during the first
 `anneal_steps` each query sees its causal past plus each future key with probability r,
 r rising linearly from 0 to 1. After the annealing (or with anneal_steps = 0) the pattern
-is fully bidirectional. Patterns are bool [B, T, T], True = query i sees key j.
+is fully bidirectional. Patterns are bool [B, T, T] or [T, T], True = query i sees key j.
 """
 
 from __future__ import annotations
@@ -30,6 +30,6 @@ def annealed_pattern(key: jax.Array, batch: int, length: int, rate) -> jax.Array
   return causal[None] | extra
 
 
-def bidirectional(batch: int, length: int) -> jax.Array:
-  """bool [batch, T, T], all True."""
-  return jnp.ones((batch, length, length), bool)
+def bidirectional(length: int) -> jax.Array:
+  """bool [T, T], all True: the pattern of a trained MDM (training, validation, sampling)."""
+  return jnp.ones((length, length), bool)

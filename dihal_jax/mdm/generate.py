@@ -50,7 +50,6 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str | Path, *, prompt
     row = np.full(length, separator, np.int32)
     row[1:1 + len(ids)] = ids
     known_row = np.arange(length) < 1 + len(ids)
-  sampler.check(s.mdm_steps, s.unmask, s.mdm_block, len(row))
   tokens, known = np.tile(row, (s.num, 1)), np.tile(known_row, (s.num, 1))
   out = []
   for i in tqdm(range(0, s.num, s.batch), desc="sample (mdm)", disable=not progress):

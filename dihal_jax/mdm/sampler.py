@@ -27,6 +27,7 @@ from flax import nnx
 
 from dihal_jax.backbone.generate import top_p_filter
 from dihal_jax.errors import UserInputError
+from dihal_jax.mdm.attention import bidirectional
 from dihal_jax.mdm.objective import token_logits
 
 UNMASK = ("confidence", "random")
@@ -60,7 +61,7 @@ def _step(graphdef, state, tokens, masked, count, key, *, mask_id, shift, unmask
   positions this block may reveal, count [N] how many to reveal."""
   model = nnx.merge(graphdef, state)
   n = tokens.shape[1]
-  logits = token_logits(model(tokens, attention=jnp.ones((n, n), bool)), shift)
+  logits = token_logits(model(tokens, attention=bidirectional(n)), shift)
   logits = logits.at[..., mask_id].set(-jnp.inf)  # never draw the absorbing state itself
   k_draw, k_order = jax.random.split(key)
   if temperature == 0.0:

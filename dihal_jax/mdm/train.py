@@ -44,7 +44,7 @@ from dihal_jax.bridge.train_step import (OptimConfig, TrainState, ema_decay_at, 
                                          learning_rate, make_optimizer, state_shardings)
 from dihal_jax.data.dataset import Data
 from dihal_jax.errors import UserInputError
-from dihal_jax.mdm.attention import anneal_rate, annealed_pattern
+from dihal_jax.mdm.attention import anneal_rate, annealed_pattern, bidirectional
 from dihal_jax.mdm.objective import T_EPS, mask_tokens, mdlm_loss, token_logits
 from dihal_jax.parallel.sharding import batch_sharding, mesh_and_rules, put_global
 
@@ -135,7 +135,7 @@ def train_step(state: TrainState, tokens: jax.Array, key: jax.Array, *, mask_id:
   z, masked = mask_tokens(k_mask, tokens, t, mask_id)
   rate = anneal_rate(state.step, anneal_steps)
   pattern = (annealed_pattern(k_attn, b, n, rate) if anneal_steps > 0
-             else jnp.ones((n, n), bool))
+             else bidirectional(n))
 
   def loss_fn(params):
     model = nnx.merge(state.graphdef, params, state.rest)
@@ -190,7 +190,7 @@ def _val_loss_fn(graphdef, key, mask_id: int, shift: bool):
     t = jax.random.uniform(k_t, (tokens.shape[0],), jnp.float32, T_EPS, 1.0)
     z, masked = mask_tokens(k_mask, tokens, t, mask_id)
     n = tokens.shape[1]
-    return mdlm_loss(model(z, attention=jnp.ones((n, n), bool)), tokens, masked, t, shift=shift)
+    return mdlm_loss(model(z, attention=bidirectional(n)), tokens, masked, t, shift=shift)
 
   return val_loss
 
