@@ -16,6 +16,7 @@ Commands:
             --method=mdm: the masked diffusion model's samples
   eval      every method and reference row: gen PPL, diversity, memorization, spread, recovery
   sweep     the fixed bridge protocol at each of --layers; Spearman ρ of score vs val loss
+  mechanism the AR backbone vs its MDM (mechanism.mdm): CKA, attention, logit lens, patching
   demo      what exists end to end on the default model (see README)
   plan      --topology=NAME [--out FILE] [--compile]: per-device memory and paper step times
             of the config on a TPU/GPU topology, nothing allocated (no --workdir)
@@ -35,7 +36,7 @@ from dihal_jax.errors import UserInputError
 from dihal_jax.parallel import distributed
 
 COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "mdm", "sample", "eval",
-            "sweep", "ablate", "demo", "plan")
+            "sweep", "ablate", "mechanism", "demo", "plan")
 # `plan --compile` compiles for 8 devices on the host's CPU: the flag must precede JAX's start.
 COMPILE_XLA_FLAG = "--xla_force_host_platform_device_count=8"
 
@@ -315,6 +316,13 @@ def _ablate(config, workdir):
   return report, True
 
 
+def _mechanism(config, workdir):
+  from dihal_jax.analysis import mechanism
+  report = mechanism.run_mechanism(config, workdir)
+  print(mechanism.summary(report))
+  return report, True
+
+
 def _demo(config, workdir):
   from dihal_jax import demo
   report = demo.run_demo(config, workdir)
@@ -323,7 +331,7 @@ def _demo(config, workdir):
 
 HANDLERS = {"convert": _convert, "parity": _parity, "generate": _generate, "data": _data,
             "locate": _locate, "train": _train, "mdm": _mdm, "sample": _sample, "eval": _eval,
-            "sweep": _sweep, "ablate": _ablate, "demo": _demo}
+            "sweep": _sweep, "ablate": _ablate, "mechanism": _mechanism, "demo": _demo}
 # Command flags that set a config field (sample.<name>), applied before the handler runs.
 FLAG_FIELDS = {"sample": ("num", "length", "steps", "readout", "method")}
 REPORT_NAMES = {"sample": "sample_report.json"}  # beside eval's report.json, not over it

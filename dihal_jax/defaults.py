@@ -157,6 +157,17 @@ def base() -> ml_collections.ConfigDict:
   c.ablate = ml_collections.ConfigDict()  # dihal ablate (eval/ablation.py)
   c.ablate.rows = ""  # comma-separated rows of eval/ablation.py::ROWS; empty = all
 
+  c.mechanism = ml_collections.ConfigDict()  # dihal mechanism (analysis/mechanism.py)
+  c.mechanism.mdm = ""  # workdir of the `dihal mdm` run to study; "" = WORKDIR/mdm
+  c.mechanism.windows = 32  # test windows for CKA, attention statistics and the logit lens
+  c.mechanism.mask_rate = 0.5  # share of those windows' positions the MDM sees masked
+  c.mechanism.task_items = 32  # items per task (local "bigram", global "copy": analysis/tasks.py)
+  c.mechanism.bigram_position = 24  # bigram task: position of the answer
+  c.mechanism.span = 8  # copy task: tokens repeated ...
+  c.mechanism.filler = 32  # ... after this many tokens of other text (cue distance span + filler)
+  c.mechanism.masks = 8  # masked positions after each task's answer
+  c.mechanism.head_layers = 2  # per-head patching at the layers whose block restores most
+
   c.demo = ml_collections.ConfigDict()
   c.demo.preset = "quick"  # dihal demo budget: quick | full | smoke | none (demo.PRESETS)
 

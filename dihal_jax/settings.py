@@ -48,6 +48,9 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
         f"{config.sample.method!r}: expected bridge or mdm")
   mdm_sampler.check(config.sample.mdm_steps, config.sample.unmask, config.sample.mdm_block,
                     config.sample.length or d.window)
+  if command == "mechanism":
+    from dihal_jax.analysis import mechanism
+    mechanism.check(config.mechanism, d.window)
   if command in TRAINS:
     _check_train(config.train)
   if command in EVALUATES:

@@ -3,7 +3,7 @@
 Layers, bottom to top (docs/design.md states the same order):
 
   errors, files, reports, overrides, assets -> parallel -> backbone -> data -> geometry -> bridge
-  -> hybrid -> mdm -> eval -> planning -> settings, defaults, demo, cli
+  -> hybrid -> mdm -> eval -> analysis -> planning -> settings, defaults, demo, cli
 
 Every module under dihal_jax/ is parsed with `ast` (function-level imports included) and each
 `dihal_jax.*` import is mapped to the layer of its top-level package or module.
@@ -28,6 +28,7 @@ LAYERS = (
     ("hybrid",),
     ("mdm",),
     ("eval",),
+    ("analysis",),
     ("planning",),
     ("settings", "defaults", "demo", "cli"),
 )
@@ -116,12 +117,12 @@ def test_parallel_imports_no_model_code():
     ("dihal_jax.data.x", "import dihal_jax.eval.metrics\n", False,
      ["dihal_jax.data.x (data, layer 3) -> dihal_jax.eval.metrics (eval, layer 8)"]),
     ("dihal_jax.eval.x", "from dihal_jax import reports, settings\n", False,
-     ["dihal_jax.eval.x (eval, layer 8) -> dihal_jax.settings (settings, layer 10)"]),
+     ["dihal_jax.eval.x (eval, layer 8) -> dihal_jax.settings (settings, layer 11)"]),
     # relative imports resolve against the importing package
     ("dihal_jax.backbone.x", "from ..hybrid import sample\n", False,
      ["dihal_jax.backbone.x (backbone, layer 2) -> dihal_jax.hybrid (hybrid, layer 6)"]),
     ("dihal_jax.parallel", "from .topology import GIB\nfrom ..planning import plan\n", True,
-     ["dihal_jax.parallel (parallel, layer 1) -> dihal_jax.planning (planning, layer 9)"]),
+     ["dihal_jax.parallel (parallel, layer 1) -> dihal_jax.planning (planning, layer 10)"]),
     ("dihal_jax.newpkg.x", "", False, ["dihal_jax.newpkg.x: 'newpkg' has no layer in LAYERS"]),
     # allowed: the same layer, a lower one, other packages
     ("dihal_jax.cli", "from dihal_jax import demo, settings\nfrom dihal_jax.eval import sweep\n"

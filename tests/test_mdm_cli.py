@@ -151,3 +151,56 @@ def test_a_bridge_checkpoint_given_as_an_mdm_is_refused(tmp_path):
   proc = _run(tmp_path, tmp_path / "bridge", "--method=mdm", command="sample")
   assert "not a masked diffusion model" in _error_line(proc)
   assert not (tmp_path / "bridge" / "samples.jsonl").exists()
+
+
+MECHANISM = ("--config.mechanism.windows=4", "--config.mechanism.task_items=4",
+             "--config.mechanism.span=3", "--config.mechanism.filler=3",
+             "--config.mechanism.bigram_position=6", "--config.mechanism.masks=2",
+             "--config.mechanism.head_layers=1")
+
+
+def _mechanism(tmp_path, workdir, *extra):
+  return subprocess.run(
+      [sys.executable, "-m", "dihal_jax.cli", "mechanism", "--config=configs/tiny_llama.py",
+       f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}", *MECHANISM,
+       *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_mechanism_report_has_every_section(uninterrupted):
+  tmp_path, run = uninterrupted
+  out = tmp_path / "mechanism"
+  proc = _mechanism(tmp_path, out, f"--config.mechanism.mdm={run}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((out / "report.json").read_text())
+  assert report["mdm"]["step"] == STEPS and report["windows"] == 4
+  assert [r["layer"] for r in report["cka"]] == [1, 2, 3]
+  assert all(0 <= r[k] <= 1 + 1e-9 for r in report["cka"] for k in ("cka", "cka_masked"))
+  assert {(r["model"], r["layer"]) for r in report["attention"]} == {
+      (m, l) for m in ("ar", "mdm", "ar_bidir") for l in (1, 2, 3)}
+  assert all(r["future"] == 0.0 for r in report["attention"] if r["model"] == "ar")
+  assert all(r["future"] > 0.0 for r in report["attention"] if r["model"] != "ar")
+  for name in ("bigram", "copy"):
+    task = report["tasks"][name]
+    assert len(task["patching"]["ar"]) == len(task["patching"]["mdm"]) == 3
+    assert set(task["early_share"]) == {"ar", "mdm"} and len(task["head_patching"]["ar"]) == 1
+    assert task["ar_acc_ci"][0] <= task["ar_acc"] <= task["ar_acc_ci"][1]
+  assert report["tasks"]["copy"]["position"] - report["tasks"]["copy"]["cue"] == 6
+  for name in ("report.md", "cka.png", "attention.png", "logit_lens.png", "patching.png"):
+    assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.mechanism.mask_rate=1.0", "mechanism.mask_rate"),
+    ("--config.mechanism.head_layers=4", "mechanism.head_layers"),
+    ("--config.mechanism.filler=60", "mechanism.filler"),
+])
+def test_mechanism_bad_settings_are_one_line(tmp_path, override, needle):
+  proc = _mechanism(tmp_path, tmp_path / "w", override)
+  assert needle in _error_line(proc)
+  assert not (tmp_path / "w" / "report.json").exists()
+
+
+def test_mechanism_without_an_mdm_is_one_line(tmp_path):
+  proc = _mechanism(tmp_path, tmp_path / "w")
+  assert "dihal mdm" in _error_line(proc)
+  assert not (tmp_path / "w" / "report.json").exists()

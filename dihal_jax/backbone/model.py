@@ -101,32 +101,47 @@ class Attention(nnx.Module):
       y = norm(y)
     return y if cos is None else rope.apply_rotary(y, cos, sin)
 
-  def __call__(self, x, cos, sin, mask, cache=None):
-    """x [B, T, D]; mask [B, T, S] (True = attend); cache (k, v [B, S, K, H], index) or None.
+  def queries_keys_values(self, x, cos, sin):
+    """q [B, T, N, H], k and v [B, T, K, H] (RoPE applied to q and k)."""
+    return (self._project(x, self.q_proj, self.q_bias, self.q_norm, cos, sin),
+            self._project(x, self.k_proj, self.k_bias, self.k_norm, cos, sin),
+            self._project(x, self.v_proj, self.v_bias, None, None, None))
 
-    Returns the output [B, T, D] and the updated (k, v) cache (or None).
-    """
-    q = self._project(x, self.q_proj, self.q_bias, self.q_norm, cos, sin)
-    k = self._project(x, self.k_proj, self.k_bias, self.k_norm, cos, sin)
-    v = self._project(x, self.v_proj, self.v_bias, None, None, None)
-    new_cache = None
-    if cache is not None:
-      k_cache, v_cache, index = cache
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-      new_cache = (k, v)
+  def probabilities(self, q, k, mask):
+    """Attention probabilities [B, K, G, T, S] in float32 (G = N / K query heads per kv head);
+    mask [B, T, S], True = attend."""
     b, t, n, h = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(self.dtype),
                         preferred_element_type=jnp.float32) * self.scale
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = _matmul("BKGTS,BSKH->BTKGH", probs, v, self.dtype).reshape(b, t, n, h)
-    out = _matmul("BTNH,NHD->BTD", out, self.o_proj[...], self.dtype)
-    if self.o_bias is not None:
-      out = out + self.o_bias[...].astype(self.dtype)
-    return out, new_cache
+    return jax.nn.softmax(logits, axis=-1)
+
+  def heads(self, probs, v):
+    """Each head's output [B, T, N, H] before the output projection."""
+    b, kv, g, t, _ = probs.shape
+    return _matmul("BKGTS,BSKH->BTKGH", probs.astype(self.dtype), v,
+                   self.dtype).reshape(b, t, kv * g, -1)
+
+  def output(self, heads):
+    """The output projection (and bias) of the heads [B, T, N, H] -> [B, T, D]."""
+    out = _matmul("BTNH,NHD->BTD", heads, self.o_proj[...], self.dtype)
+    return out if self.o_bias is None else out + self.o_bias[...].astype(self.dtype)
+
+  def __call__(self, x, cos, sin, mask, cache=None):
+    """x [B, T, D]; mask [B, T, S] (True = attend); cache (k, v [B, S, K, H], index) or None.
+
+    Returns the output [B, T, D] and the updated (k, v) cache (or None).
+    """
+    q, k, v = self.queries_keys_values(x, cos, sin)
+    new_cache = None
+    if cache is not None:
+      k_cache, v_cache, index = cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+      new_cache = (k, v)
+    return self.output(self.heads(self.probabilities(q, k, mask), v)), new_cache
 
 
 class MLP(nnx.Module):
@@ -213,7 +228,7 @@ class Decoder(nnx.Module):
     return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
-  def _context(self, tokens_shape, positions, mask, attention=None):
+  def attention_context(self, tokens_shape, positions, mask, attention=None):
     """Default positions (0..T-1) and the attention mask [B, T, T]: `attention` ([T, T] or
     [B, T, T], True = query i sees key j; default causal) & the key-padding `mask`."""
     b, t = tokens_shape
@@ -231,13 +246,13 @@ class Decoder(nnx.Module):
 
     With `emit`, also returns every intermediate state stacked: [stop-start, B, T, D],
     entry i = h_{start+1+i} (one scan; the last entry is h_stop). `attention`: the
-    attention pattern (see `_context`; default causal).
+    attention pattern (see `attention_context`; default causal).
     """
     if not 0 <= start <= stop <= self.cfg.num_layers:
       raise ValueError(f"layer range ({start}, {stop}) outside 0..{self.cfg.num_layers}")
     if start == stop:
       return (h, h[None][:0]) if emit else h
-    cos, sin, full_mask = self._context(h.shape[:2], positions, mask, attention)
+    cos, sin, full_mask = self.attention_context(h.shape[:2], positions, mask, attention)
     graphdef, state = nnx.split(self.layers)
     state = jax.tree.map(lambda a: a[start:stop], state)
 

@@ -1,0 +1,76 @@
+"""An instrumented forward: every layer's state, attention probabilities and head outputs,
+with optional activation patching, in one scan over the stacked blocks.
+
+It runs the Decoder's own pieces (`Attention.queries_keys_values`, `probabilities`,
+`heads`, `output`, the norms and the MLP) in the order `Block.__call__` does, so an
+unpatched trace equals the model's forward (tests compare it with `transformers`).
+
+Patching (`Patch`) replaces, inside the scan,
+- a whole block's contribution: h_l = h_{l-1} + delta_l with delta_l taken from another
+  run (the clean one) instead of computed, for the layers flagged in `layers`;
+- single heads: head n's output (before the output projection) at layer l taken from the
+  other run, for the (l, n) flagged in `heads`; the rest of the block is recomputed.
+The patched values come from a `trace` of the clean input with `emit=("deltas", "heads")`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dihal_jax.backbone.model import Decoder
+
+
+class Patch(NamedTuple):
+  """What to take from the other run: layers [L] bool, heads [L, N] bool, deltas
+  [L, B, T, D] (h_l - h_{l-1} of the other run), head_outputs [L, B, T, N, H]."""
+
+  layers: jax.Array
+  heads: jax.Array
+  deltas: jax.Array
+  head_outputs: jax.Array
+
+
+def trace(model: Decoder, tokens: jax.Array, *, attention=None, patch: Patch | None = None,
+          emit: Sequence[str] = ("states",)) -> tuple[jax.Array, dict]:
+  """(h_L [B, T, D], {name: [L, ...]}) for tokens [B, T]; `model.logits(h_L)` are the
+  logits (left to the caller, which often needs them at one position only).
+
+  `emit` picks what each layer returns, stacked over layers: "states" h_l [L, B, T, D],
+  "deltas" h_l - h_{l-1}, "probs" [L, B, K, G, T, S] (float32), "heads" [L, B, T, N, H].
+  `attention`: the pattern ([T, T], True = query sees key; default causal).
+  """
+  cos, sin, mask = model.attention_context(tokens.shape, None, None, attention)
+  graphdef, state = nnx.split(model.layers)
+  flags = None if patch is None else (patch.layers, patch.heads, patch.deltas,
+                                      patch.head_outputs)
+
+  def body(x, xs):
+    layer_state, flag = xs
+    block = nnx.merge(graphdef, layer_state)
+    attn = block.attn
+    q, k, v = attn.queries_keys_values(block.input_norm(x), cos, sin)
+    probs = attn.probabilities(q, k, mask)
+    heads = attn.heads(probs, v)
+    if flag is not None:
+      use_layer, use_heads, other_delta, other_heads = flag
+      heads = jnp.where(use_heads[None, None, :, None], other_heads.astype(heads.dtype), heads)
+    y = x + attn.output(heads)
+    y = y + block.mlp(block.post_attn_norm(y))
+    if flag is not None:
+      y = jnp.where(use_layer, x + other_delta.astype(y.dtype), y)
+    out = {"states": y, "deltas": y - x, "probs": probs, "heads": heads}
+    return y, {name: out[name] for name in emit}
+
+  h, emitted = jax.lax.scan(body, model.embed_tokens(tokens), (state, flags))
+  return h, emitted
+
+
+def no_patch(num_layers: int, num_heads: int, deltas: jax.Array,
+             head_outputs: jax.Array) -> Patch:
+  """A Patch that takes nothing (flags all False) over the other run's values."""
+  return Patch(jnp.zeros(num_layers, bool), jnp.zeros((num_layers, num_heads), bool), deltas,
+               head_outputs)
