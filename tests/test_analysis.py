@@ -88,9 +88,10 @@ def test_trace_states_and_probabilities_match_transformers(models, eager):
   np.testing.assert_allclose(out["deltas"][1], out["states"][1] - out["states"][0], atol=1e-6)
 
 
-def _torch_patched(eager, tokens, clean, layer=None, head=None, head_dim=None):
+def _torch_patched(eager, tokens, clean, positions, layer, head=None, head_dim=None):
   """transformers' logits on `tokens` with decoder layer `layer`'s contribution (or one head's
-  input to o_proj) taken from a run on `clean`, by forward hooks."""
+  input to o_proj) at `positions` taken from a run on `clean`, by forward hooks."""
+  at = torch.tensor(positions)[None, :, None]
   saved = {}
   layers = eager.model.layers
 
@@ -101,7 +102,8 @@ def _torch_patched(eager, tokens, clean, layer=None, head=None, head_dim=None):
 
   def put_layer(module, args, kwargs, output):
     h_in = args[0] if args else kwargs["hidden_states"]
-    new = h_in + saved["delta"]
+    h_out = output[0] if isinstance(output, tuple) else output
+    new = torch.where(at, h_in + saved["delta"], h_out)
     return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
   def grab_head(module, args):
@@ -109,7 +111,8 @@ def _torch_patched(eager, tokens, clean, layer=None, head=None, head_dim=None):
 
   def put_head(module, args):
     x = args[0].clone()
-    x[..., head * head_dim:(head + 1) * head_dim] = saved["heads"][..., head * head_dim:(head + 1) * head_dim]
+    cut = slice(head * head_dim, (head + 1) * head_dim)
+    x[..., cut] = torch.where(at, saved["heads"][..., cut], x[..., cut])
     return (x,)
 
   if head is None:
@@ -134,16 +137,17 @@ def test_layer_and_head_patching_match_transformers_hooks(models, eager):
   cfg = model.cfg
   clean, corrupt = _tokens(seed=1), _tokens(seed=2)
   _, other = tracing.trace(model, jnp.asarray(clean), emit=("deltas", "heads"))
-  empty = tracing.no_patch(cfg.num_layers, cfg.num_heads, other["deltas"], other["heads"])
+  positions = np.isin(np.arange(clean.shape[1]), [2, 5, 16])
+  empty = tracing.no_patch(positions, other["deltas"], other["heads"])
   for layer in range(cfg.num_layers):
     patch = empty._replace(layers=empty.layers.at[layer].set(True))
     h, _ = tracing.trace(model, jnp.asarray(corrupt), patch=patch)
-    np.testing.assert_allclose(model.logits(h), _torch_patched(eager, corrupt, clean, layer),
-                               atol=1e-4)
+    ref = _torch_patched(eager, corrupt, clean, positions, layer)
+    np.testing.assert_allclose(model.logits(h), ref, atol=1e-4)
   for layer, head in ((0, 0), (1, 4), (2, 5)):
     patch = empty._replace(heads=empty.heads.at[layer, head].set(True))
     h, _ = tracing.trace(model, jnp.asarray(corrupt), patch=patch)
-    ref = _torch_patched(eager, corrupt, clean, layer, head, cfg.head_dim)
+    ref = _torch_patched(eager, corrupt, clean, positions, layer, head, cfg.head_dim)
     np.testing.assert_allclose(model.logits(h), ref, atol=1e-4)
 
 
@@ -153,9 +157,8 @@ def test_patching_profile_against_closed_forms(models):
   clean, corrupt = _tokens(seed=3, t=12), _tokens(seed=4, t=12)
   answer, other = np.array([5, 6, 7]), np.array([8, 9, 10])
   _, clean_trace = tracing.trace(model, jnp.asarray(clean), emit=("deltas", "heads", "states"))
-  empty = tracing.no_patch(cfg.num_layers, cfg.num_heads, clean_trace["deltas"],
-                           clean_trace["heads"])
-  every = empty._replace(layers=jnp.ones(cfg.num_layers, bool))
+  everywhere = tracing.no_patch(np.ones(12, bool), clean_trace["deltas"], clean_trace["heads"])
+  every = everywhere._replace(layers=jnp.ones(cfg.num_layers, bool))
   # A run patched with every block of a run on the same input is that run (restores 100%).
   h_self, _ = tracing.trace(model, jnp.asarray(clean), patch=every)
   np.testing.assert_allclose(h_self, clean_trace["states"][-1], atol=1e-5)
@@ -165,7 +168,8 @@ def test_patching_profile_against_closed_forms(models):
   expected = (clean_trace["states"][-1] - model.embed_tokens(jnp.asarray(clean))
               + model.embed_tokens(jnp.asarray(corrupt)))
   np.testing.assert_allclose(h_every, expected, atol=1e-5)
-  # The profile's entries are the restoration formula on the patched runs.
+  # The profile's entries are the restoration formula on runs patched at the read position.
+  empty = tracing.no_patch(np.arange(12) == 10, clean_trace["deltas"], clean_trace["heads"])
   items = tasks.Items(clean, corrupt, position=11, answer=answer, corrupt_answer=other, cue=0)
   profile = patching.patching_profile(patching.Subject("ar", model, None, 1), items,
                                       head_layers=1)

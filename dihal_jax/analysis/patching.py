@@ -3,7 +3,8 @@
 For a task's clean and corrupted rows (analysis/tasks.py) the logit difference
 LD = logit(clean answer) - logit(corrupted answer) at the answer is large on the clean run
 and small or negative on the corrupted one. Patching one block's contribution (or one
-head's output) from the clean run into the corrupted run moves it part of the way back:
+head's output), at the position that reads the answer only, from the clean run into the
+corrupted run moves it part of the way back:
 
   restoration = (mean LD_patched - mean LD_corrupt) / (mean LD_clean - mean LD_corrupt)
 
@@ -73,7 +74,8 @@ def patching_profile(subject: Subject, items: Items, *, head_layers: int) -> dic
                                   read)
   ld_clean = logit_difference(clean_logits, items.answer, items.corrupt_answer)
   ld_corrupt = logit_difference(corrupt_logits, items.answer, items.corrupt_answer)
-  empty = tracing.no_patch(cfg.num_layers, cfg.num_heads, clean["deltas"], clean["heads"])
+  at_read = jnp.arange(items.clean.shape[1]) == read
+  empty = tracing.no_patch(at_read, clean["deltas"], clean["heads"])
 
   def restored(patch: tracing.Patch) -> float:
     logits, _ = read_logits(model, jnp.asarray(items.corrupt), subject.attention, patch, read)
