@@ -22,11 +22,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dihal demo --config=configs/smollm2_135m.py --workdir=runs/demo
 
+# Two pytest workers (pytest-xdist), each test file whole on one worker so that its
+# module fixtures (a trained tiny bridge or MDM) are built once.
+PYTEST = $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone_forward.py --out runs/bench/backbone_forward.json
