@@ -207,7 +207,7 @@ def _stoppable(handler):
   """A handler whose training may be stopped (non-finite loss...): one stderr line, status 1.
   What finished stays (checkpoints, cached layers, finished ablation rows)."""
   def wrapped(config, workdir):
-    from dihal_jax.bridge.train import TrainingStopped
+    from dihal_jax.bridge.training_loop import TrainingStopped
     try:
       return handler(config, workdir)
     except TrainingStopped as e:

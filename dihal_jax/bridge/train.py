@@ -8,36 +8,29 @@ none) -> cache h_l of the first `train.cache_windows` train windows and
 -> metrics.jsonl, periodic validation loss, Orbax checkpoints
 (bridge/checkpoint.py), loss.png.
 
-Resume: start = restore the latest readable checkpoint (params, EMA,
-optimizer state, step, grain iterator state; the RNG is fold_in(seed, step)).
-SIGTERM finishes the step, saves and exits 0. A non-finite loss stops with a
-message naming the step; the last good checkpoint stays.
+Resume, SIGTERM, a non-finite loss and the metrics rows: bridge/training_loop.py
+(the state restored is params, EMA, optimizer state, step and the grain iterator's
+position; the RNG is fold_in(seed, step)).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from dihal_jax import reports
 from dihal_jax.backbone import checkpoint as backbone_checkpoint
 from dihal_jax.bridge import denoiser
-from dihal_jax.bridge.checkpoint import BridgeCheckpointer
 from dihal_jax.bridge.normalization import Normalizer, covariance, pca_components
 from dihal_jax.bridge.train_step import (OptimConfig, draw_corruption, init_train_state,
-                                         learning_rate, make_optimizer, make_train_step,
-                                         objective)
+                                         make_optimizer, make_train_step, objective)
+from dihal_jax.bridge.training_loop import Cadence, run_loop
 from dihal_jax.bridge.token_head import ClassMeanHead
 from dihal_jax.data import hidden
 from dihal_jax.data.dataset import Data, cache_root
@@ -52,10 +45,6 @@ STATE_SECTIONS = ("seed", "model", "data", "bridge", "train")
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.val_every",
                      "train.checkpoint_every", "train.max_to_keep", "data.cache_dir",
                      "data.read_threads")
-
-
-class TrainingStopped(Exception):
-  """A non-finite loss: training stops, the last good checkpoint stays."""
 
 
 def interface_layer(config: ml_collections.ConfigDict, workdir: Path) -> int:
@@ -131,68 +120,29 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   batches = iter(hidden.cached_batches(caches["train"], layer, batch_size=t.batch_size,
                                        seed=config.seed, shard_index=jax.process_index(),
                                        shard_count=jax.process_count()))
-  checkpointer = BridgeCheckpointer(workdir / "checkpoints", save_every=t.checkpoint_every,
-                                    max_to_keep=t.max_to_keep, config=config.to_dict(),
-                                    ignore_fields=RESUMABLE_CHANGES, sections=STATE_SECTIONS)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
-  restored = checkpointer.restore_latest(abstract, batches)
-  start = 0
-  if restored is not None:
-    start, saved, _ = restored
-    state = state.replace(**saved)
-    print(f"resumed from step {start}")
   val_x0 = put_global(np.asarray(norm.forward(
       np.load(caches["validation"] / f"layer_{layer}.npy")[:t.batch_size])),
       NamedSharding(mesh, PartitionSpec()))  # the same fixed batch, replicated
   key = jax.random.key(config.seed)
   val_loss_fn = _val_loss_fn(state, diffusion_cfg, jax.random.key(config.seed + 1))
+  logged = ("loss", "grad_norm") + (("mse", "token_ce") if t.token_ce else ())
 
-  metrics_path = workdir / "metrics.jsonl"
-  reports.trim_metrics(metrics_path, start)
-  stop = {"sigterm": False}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+  def step(state, batch):
+    x0 = norm.forward(batch["h"])
+    state, metrics = step_fn(state, x0, key, tokens=batch["tokens"])
+    return state, {k: metrics[k] for k in logged}, x0.shape[0] * x0.shape[1]
+
   extra = {"layer": layer, "normalizer": norm.to_dict(), "train_cache": str(caches["train"]),
            "denoiser": denoiser.describe(model), "params": denoiser.num_params(model)}
-  done = start
-  try:
-    with open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as log:
-      bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train",
-                 disable=not progress)
-      for step in bar:
-        tick = time.perf_counter()
-        batch = next(batches)
-        x0 = norm.forward(batch["h"])
-        state, metrics = step_fn(state, x0, key, tokens=batch["tokens"])
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-          raise TrainingStopped(f"non-finite loss {loss} at step {step + 1}; the last good "
-                                f"checkpoint (step {max(checkpointer.all_steps(), default=0)}) "
-                                "is kept")
-        done = step + 1
-        seconds = time.perf_counter() - tick
-        row = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-               **({"mse": float(metrics["mse"]), "token_ce": float(metrics["token_ce"])}
-                  if t.token_ce else {}),
-               "lr": float(learning_rate(optim_cfg, done)), "step_time_s": seconds,
-               "tokens_per_s": x0.shape[0] * x0.shape[1] / seconds}
-        if done % t.val_every == 0 or done == t.steps:
-          row["val_loss"] = float(val_loss_fn(state, val_x0))
-        if done % t.log_every == 0 or "val_loss" in row or done == t.steps:
-          log.write(json.dumps(row) + "\n")
-          log.flush()
-          bar.set_postfix(loss=f"{loss:.4f}")
-        checkpointer.save(done, state.checkpoint_items(), batches, extra,
-                          force=stop["sigterm"] or done == t.steps)
-        if stop["sigterm"]:
-          print(f"SIGTERM: saved step {done}, exiting")
-          break
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-    checkpointer.close()
-  rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-  reports.plot_loss(rows, workdir / "loss.png")
-  return {"layer": layer, "steps": done, "start_step": start,
-          "final": rows[-1] if rows else None, "interrupted": stop["sigterm"],
+  result = run_loop(
+      state, workdir=workdir, batches=batches, step=step,
+      validate=lambda state: val_loss_fn(state, val_x0), optim_cfg=optim_cfg,
+      cadence=Cadence(t.steps, t.log_every, t.val_every, t.checkpoint_every, t.max_to_keep),
+      checkpoint_config=config.to_dict(), sections=STATE_SECTIONS,
+      resumable_changes=RESUMABLE_CHANGES, extra=extra, desc="train", progress=progress)
+  return {"layer": layer, "steps": result.done, "start_step": result.start,
+          "final": result.rows[-1] if result.rows else None,
+          "interrupted": result.interrupted,
           "cache": {k: str(v) for k, v in caches.items()},
           "timings": {"setup_s": setup_s, "total_s": time.perf_counter() - t0}}
 

@@ -183,7 +183,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, layers: li
               progress: bool = True) -> dict:
   """`dihal sweep`: train at each layer, correlate the validation losses with the score.
 
-  Raises `bridge.train.TrainingStopped` if a layer's loss goes non-finite
+  Raises `bridge.training_loop.TrainingStopped` if a layer's loss goes non-finite
   (the finished layers stay cached; a rerun resumes).
   """
   from dihal_jax.backbone import checkpoint

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -33,15 +30,13 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from dihal_jax import reports
 from dihal_jax.backbone import checkpoint as backbone_checkpoint
 from dihal_jax.backbone.model import Decoder
-from dihal_jax.bridge.checkpoint import BridgeCheckpointer, read_latest
-from dihal_jax.bridge.train import TrainingStopped
+from dihal_jax.bridge.checkpoint import read_latest
 from dihal_jax.bridge.train_step import (OptimConfig, TrainState, ema_decay_at, init_train_state,
-                                         learning_rate, make_optimizer, state_shardings)
+                                         make_optimizer, state_shardings)
+from dihal_jax.bridge.training_loop import Cadence, run_loop
 from dihal_jax.data.dataset import Data
 from dihal_jax.errors import UserInputError
 from dihal_jax.mdm.attention import anneal_rate, annealed_pattern, bidirectional
@@ -214,69 +209,32 @@ def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   step_fn = make_train_step(mesh, rules, optim_cfg, mask_id=mask_id, shift=m.shift,
                             anneal_steps=m.anneal_steps)
   batches = iter(data.windows("train", batch_size=m.batch_size))
-  checkpointer = BridgeCheckpointer(workdir / "checkpoints", save_every=m.checkpoint_every,
-                                    max_to_keep=m.max_to_keep, config=config.to_dict(),
-                                    ignore_fields=RESUMABLE_CHANGES, sections=STATE_SECTIONS)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
-  restored = checkpointer.restore_latest(abstract, batches)
-  start = 0
-  if restored is not None:
-    start, saved, _ = restored
-    state = state.replace(**saved)
-    print(f"resumed from step {start}")
   replicated = NamedSharding(mesh, PartitionSpec())
   val_tokens = put_global(data.first_windows("validation", m.batch_size), replicated)
   val_loss_fn = _val_loss_fn(state.graphdef, jax.random.key(config.seed + 1), mask_id, m.shift)
   key = jax.random.key(config.seed)
   setup_s = time.perf_counter() - t0
 
-  metrics_path = workdir / "metrics.jsonl"
-  reports.trim_metrics(metrics_path, start)
-  stop = {"sigterm": False}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-  extra = {"mask_id": mask_id, "shift": bool(m.shift), "window": config.data.window}
-  done = start
-  try:
-    with open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as log:
-      bar = tqdm(range(start, steps), initial=start, total=steps, desc="mdm", disable=not progress)
-      for step in bar:
-        tick = time.perf_counter()
-        tokens = next(batches)["tokens"]
-        state, metrics = step_fn(state, tokens, key)
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-          raise TrainingStopped(f"non-finite loss {loss} at step {step + 1}; the last good "
-                                f"checkpoint (step {max(checkpointer.all_steps(), default=0)}) "
-                                "is kept")
-        done = step + 1
-        seconds = time.perf_counter() - tick
-        row = {"step": done, "loss": loss,
-               "masked_accuracy": float(metrics["masked_accuracy"]),
-               "grad_norm": float(metrics["grad_norm"]),
-               "attention_rate": float(metrics["attention_rate"]),
-               "lr": float(learning_rate(optim_cfg, done)), "step_time_s": seconds,
-               "tokens_per_s": tokens.shape[0] * tokens.shape[1] / seconds}
-        if done % m.val_every == 0 or done == steps:
-          row["val_loss"] = float(val_loss_fn(state.ema, state.rest, val_tokens))
-        if done % m.log_every == 0 or "val_loss" in row or done == steps:
-          log.write(json.dumps(row) + "\n")
-          log.flush()
-          bar.set_postfix(loss=f"{loss:.3f}")
-        checkpointer.save(done, state.checkpoint_items(), batches, extra,
-                          force=stop["sigterm"] or done == steps)
-        if stop["sigterm"]:
-          print(f"SIGTERM: saved step {done}, exiting")
-          break
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-    checkpointer.close()
-  rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-  reports.plot_loss(rows, workdir / "loss.png")
-  return {"steps": done, "total_steps": steps, "start_step": start,
+  def step(state, batch):
+    tokens = batch["tokens"]
+    state, metrics = step_fn(state, tokens, key)
+    return state, metrics, tokens.shape[0] * tokens.shape[1]
+
+  result = run_loop(
+      state, workdir=workdir, batches=batches, step=step,
+      validate=lambda state: val_loss_fn(state.ema, state.rest, val_tokens),
+      optim_cfg=optim_cfg,
+      cadence=Cadence(steps, m.log_every, m.val_every, m.checkpoint_every, m.max_to_keep),
+      checkpoint_config=config.to_dict(), sections=STATE_SECTIONS,
+      resumable_changes=RESUMABLE_CHANGES,
+      extra={"mask_id": mask_id, "shift": bool(m.shift), "window": config.data.window},
+      desc="mdm", progress=progress)
+  return {"steps": result.done, "total_steps": steps, "start_step": result.start,
           "mask_id": mask_id, "mask_token": data.tokenizer.convert_ids_to_tokens(mask_id),
           "shift": bool(m.shift), "anneal_steps": int(m.anneal_steps),
-          "tokens_seen": done * m.batch_size * config.data.window,
-          "final": rows[-1] if rows else None, "interrupted": stop["sigterm"],
+          "tokens_seen": result.done * m.batch_size * config.data.window,
+          "final": result.rows[-1] if result.rows else None,
+          "interrupted": result.interrupted,
           "timings": {"setup_s": setup_s, "total_s": time.perf_counter() - t0}}
 
 

@@ -1,0 +1,115 @@
+"""The loop every trainer runs (`dihal train`, `dihal mdm`): resume, step, log, validate,
+checkpoint, stop.
+
+Resume: the latest readable checkpoint (the state's `checkpoint_items()`, its step and the
+batch iterator's position) replaces the fresh state; metrics.jsonl loses rows past it.
+Each step appends {"step", the step's metrics, "lr", "step_time_s", "tokens_per_s"} every
+`log_every` steps, plus "val_loss" every `val_every` steps and at the end. SIGTERM finishes
+the step, saves and returns (`interrupted`). A non-finite loss raises `TrainingStopped`
+naming the step; the last good checkpoint stays. At the end: loss.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from dihal_jax import reports
+from dihal_jax.bridge.checkpoint import BridgeCheckpointer
+from dihal_jax.bridge.train_step import OptimConfig, TrainState, learning_rate
+
+
+class TrainingStopped(Exception):
+  """A non-finite loss: training stops, the last good checkpoint stays."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """How long to train and how often to log, validate and save."""
+
+  steps: int
+  log_every: int
+  val_every: int
+  checkpoint_every: int
+  max_to_keep: int
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  start: int  # the step the run resumed from (0 = fresh)
+  done: int  # the last step taken
+  rows: list[dict]  # every metrics.jsonl row
+  interrupted: bool  # stopped by SIGTERM
+
+
+def run_loop(state: TrainState, *, workdir: Path, batches: Iterator,
+             step: Callable[[TrainState, Any], tuple[TrainState, dict, int]],
+             validate: Callable[[TrainState], Any], optim_cfg: OptimConfig, cadence: Cadence,
+             checkpoint_config: dict, sections: tuple[str, ...],
+             resumable_changes: tuple[str, ...], extra: dict, desc: str,
+             progress: bool = True) -> LoopResult:
+  """Trains `state` to `cadence.steps` in `workdir` (checkpoints/, metrics.jsonl, loss.png).
+
+  `step(state, batch) -> (state, metrics {name: scalar, "loss" among them}, tokens in the
+  batch)`; `validate(state) -> loss`. `checkpoint_config`, `sections`, `resumable_changes`:
+  what a resume checks (bridge/checkpoint.py); `extra`: JSON saved beside each checkpoint.
+  """
+  checkpointer = BridgeCheckpointer(workdir / "checkpoints", save_every=cadence.checkpoint_every,
+                                    max_to_keep=cadence.max_to_keep, config=checkpoint_config,
+                                    ignore_fields=resumable_changes, sections=sections)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
+  restored = checkpointer.restore_latest(abstract, batches)
+  start = 0
+  if restored is not None:
+    start, saved, _ = restored
+    state = state.replace(**saved)
+    print(f"resumed from step {start}")
+  metrics_path = workdir / "metrics.jsonl"
+  reports.trim_metrics(metrics_path, start)
+  stop = {"sigterm": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+  done, last = start, cadence.steps
+  try:
+    with open(metrics_path if jax.process_index() == 0 else os.devnull, "a") as log:
+      bar = tqdm(range(start, last), initial=start, total=last, desc=desc, disable=not progress)
+      for index in bar:
+        tick = time.perf_counter()
+        state, metrics, tokens = step(state, next(batches))
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          raise TrainingStopped(f"non-finite loss {loss} at step {index + 1}; the last good "
+                                f"checkpoint (step {max(checkpointer.all_steps(), default=0)}) "
+                                "is kept")
+        done = index + 1
+        seconds = time.perf_counter() - tick
+        row = {"step": done, **{k: float(v) for k, v in metrics.items()},
+               "lr": float(learning_rate(optim_cfg, done)), "step_time_s": seconds,
+               "tokens_per_s": tokens / seconds}
+        if done % cadence.val_every == 0 or done == last:
+          row["val_loss"] = float(validate(state))
+        if done % cadence.log_every == 0 or "val_loss" in row or done == last:
+          log.write(json.dumps(row) + "\n")
+          log.flush()
+          bar.set_postfix(loss=f"{loss:.4f}")
+        checkpointer.save(done, state.checkpoint_items(), batches, extra,
+                          force=stop["sigterm"] or done == last)
+        if stop["sigterm"]:
+          print(f"SIGTERM: saved step {done}, exiting")
+          break
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    checkpointer.close()
+  rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+  reports.plot_loss(rows, workdir / "loss.png")
+  return LoopResult(state, start, done, rows, stop["sigterm"])
