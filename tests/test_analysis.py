@@ -191,6 +191,13 @@ def test_early_share_closed_form():
   assert math.isnan(patching.early_share(np.array([-0.1, 0.0, -0.3])))
 
 
+def test_head_concentration_closed_form():
+  from dihal_jax.analysis.mechanism import head_concentration
+  assert head_concentration({3: [0.6, 0.2, -0.1, 0.2], 5: [0.1, 0.1, 0.1, 0.1]}) == pytest.approx(
+      (0.6 + 0.25) / 2)
+  assert math.isnan(head_concentration({}))
+
+
 def test_determined_bigrams_on_a_hand_made_stream():
   # 1 -> 2 (4 of 4), 2 -> 3 (4 of 4), 3 -> 4 (3 of 4), 4 -> 1 (2 of 3), 5 and 7 once
   stream = np.array([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 7, 1, 2, 3, 4, 5, 6])

@@ -184,6 +184,7 @@ def test_mechanism_report_has_every_section(uninterrupted):
     assert len(task["patching"]["ar"]) == len(task["patching"]["mdm"]) == 3
     assert set(task["early_share"]) == {"ar", "mdm"} and len(task["head_patching"]["ar"]) == 1
     assert task["ar_acc_ci"][0] <= task["ar_acc"] <= task["ar_acc_ci"][1]
+    assert -1 <= task["profile_correlation"] <= 1
   assert report["tasks"]["copy"]["position"] - report["tasks"]["copy"]["cue"] == 6
   for name in ("report.md", "cka.png", "attention.png", "logit_lens.png", "patching.png"):
     assert (out / name).is_file(), name

@@ -92,6 +92,17 @@ def _lens_predictions_shifted(model, states, shift: bool):
   return jax.lax.map(lambda h: jnp.argmax(token_logits(model.logits(h), shift), axis=-1), states)
 
 
+def head_concentration(heads: dict[int, list[float]]) -> float:
+  """Mean over the head-patched layers of the largest head's share of the layer's positive
+  head restoration (1 = one head carries it, 1/N = spread evenly; nan without heads)."""
+  shares = []
+  for values in heads.values():
+    positive = np.clip(np.asarray(values, np.float64), 0.0, None)
+    if positive.sum() > 0:
+      shares.append(positive.max() / positive.sum())
+  return float(np.mean(shares)) if shares else float("nan")
+
+
 def run_mechanism(config: ml_collections.ConfigDict, workdir: str | Path, *,
                   progress: bool = True) -> dict:
   workdir = Path(workdir)
@@ -198,6 +209,10 @@ def run_mechanism(config: ml_collections.ConfigDict, workdir: str | Path, *,
     row["patching"] = {who: p["layers"] for who, p in profiles.items()}
     row["head_patching"] = {who: p["heads"] for who, p in profiles.items()}
     row["early_share"] = {who: p["early_share"] for who, p in profiles.items()}
+    row["profile_correlation"] = float(scipy.stats.pearsonr(profiles["ar"]["layers"],
+                                                            profiles["mdm"]["layers"])[0])
+    row["head_concentration"] = {who: head_concentration(p["heads"])
+                                 for who, p in profiles.items()}
     task_rows[name] = row
 
   report = {"mdm": {"workdir": str(mdm_dir), "step": trained.step, "mask_id": trained.mask_id,
@@ -224,10 +239,13 @@ def summary(report: dict) -> str:
     ci = lambda who: f"{t[who + '_acc']:.2f} [{t[who + '_acc_ci'][0]:.2f}, {t[who + '_acc_ci'][1]:.2f}]"
     peak = lambda who: 1 + int(np.argmax(t["patching"][who]))
     rows.append([name, t["items"], t["position"] - t["cue"], ci("ar"), ci("mdm"), ci("init"),
-                 t["early_share"]["ar"], t["early_share"]["mdm"], peak("ar"), peak("mdm")])
+                 t["early_share"]["ar"], t["early_share"]["mdm"], peak("ar"), peak("mdm"),
+                 t["profile_correlation"], t["head_concentration"]["ar"],
+                 t["head_concentration"]["mdm"]])
   lines.append(reports.markdown_table(
       ["task", "items", "cue distance", "AR acc [95% CI]", "MDM acc", "ar_bidir acc",
-       "early share AR", "early share MDM", "peak layer AR", "peak layer MDM"], rows))
+       "early share AR", "early share MDM", "peak layer AR", "peak layer MDM",
+       "profile r (AR, MDM)", "top head share AR", "top head share MDM"], rows))
   lines += ["", "## Per layer", ""]
   attention = {(r["model"], r["layer"]): r for r in report["attention"]}
   rows = []
