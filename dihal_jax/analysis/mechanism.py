@@ -81,14 +81,10 @@ def _acc_ci(correct: int, n: int) -> list[float]:
 _trace = nnx.jit(tracing.trace, static_argnames=("emit",))
 
 
-@nnx.jit
-def _lens_predictions(model, states):
-  """argmax of final norm + LM head on every layer's states [L, B, T, D] -> [L, B, T]."""
-  return jax.lax.map(lambda h: jnp.argmax(model.logits(h), axis=-1), states)
-
-
 @nnx.jit(static_argnames=("shift",))
-def _lens_predictions_shifted(model, states, shift: bool):
+def _lens_predictions(model, states, shift: bool):
+  """The logit lens: argmax of final norm + LM head on every layer's states [L, B, T, D],
+  as predictions of token i at position i ([L, B, T]; `shift`: read at i - 1)."""
   return jax.lax.map(lambda h: jnp.argmax(token_logits(model.logits(h), shift), axis=-1), states)
 
 
@@ -103,8 +99,91 @@ def head_concentration(heads: dict[int, list[float]]) -> float:
   return float(np.mean(shares)) if shares else float("nan")
 
 
+def compare_layers(backbone, trained, tokens: jax.Array, *, mask_rate: float,
+                   seed: int) -> dict:
+  """CKA, attention statistics and the logit lens of `ar`, `mdm` and `ar_bidir` on `tokens`
+  [B, T] (the MDM's input: each position but 0 masked with probability `mask_rate`)."""
+  num_layers, window = backbone.cfg.num_layers, tokens.shape[1]
+  t = jnp.full((len(tokens),), mask_rate)
+  noisy, masked = mask_tokens(jax.random.key(seed), tokens, t, trained.mask_id)
+  both = bidirectional(window)
+  runs = {"ar": (backbone, tokens, None), "mdm": (trained.model, noisy, both),
+          "ar_bidir": (backbone, noisy, both)}
+  traced = {name: jax.tree.map(np.asarray, _trace(model, inputs, attention=pattern,
+                                                  emit=("states", "probs"))[1])
+            for name, (model, inputs, pattern) in runs.items()}
+  masked = np.asarray(masked)
+  positions = np.arange(window)[None] > 0
+  unmasked = positions & ~masked
+  cka = []
+  for l in range(num_layers):
+    ar = traced["ar"]["states"][l]
+    row = {"layer": l + 1}
+    for name, key in (("mdm", "cka"), ("ar_bidir", "cka_init")):
+      other = traced[name]["states"][l]
+      row[key] = similarity.linear_cka(ar[unmasked], other[unmasked])
+      row[f"{key}_masked"] = similarity.linear_cka(ar[masked], other[masked])
+    cka.append(row)
+
+  attention, heads = [], {}
+  queries = np.broadcast_to(positions, masked.shape)
+  for name in MODELS:
+    probs = traced[name]["probs"]  # [L, B, K, G, T, S]
+    per_layer = [attention_stats.head_statistics(
+        probs[l].reshape(len(tokens), -1, window, window), queries) for l in range(num_layers)]
+    attention += [{"layer": l + 1, "model": name, **{k: float(v.mean()) for k, v in stats.items()}}
+                  for l, stats in enumerate(per_layer)]
+    heads[name] = {k: [stats[k].tolist() for stats in per_layer]
+                   for k in attention_stats.STATISTICS}
+
+  targets = np.asarray(tokens)
+  ar_pred = np.asarray(_lens_predictions(backbone, jnp.asarray(traced["ar"]["states"]), True))
+  masked_pred = {name: np.asarray(_lens_predictions(
+      model, jnp.asarray(traced[name]["states"]), trained.shift))
+      for name, model in (("mdm", trained.model), ("ar_bidir", backbone))}
+  lens = [{"layer": l + 1,
+           "ar_acc": float(np.mean(ar_pred[l][:, 1:] == targets[:, 1:])),
+           "mdm_acc": float(np.mean(masked_pred["mdm"][l][masked] == targets[masked])),
+           "init_acc": float(np.mean(masked_pred["ar_bidir"][l][masked] == targets[masked]))}
+          for l in range(num_layers)]
+  return {"tokens": {"unmasked": int(unmasked.sum()), "masked": int(masked.sum())},
+          "cka": cka, "attention": attention, "attention_heads": heads, "logit_lens": lens}
+
+
+def task_row(items: tasks.Items, backbone, trained, tokenizer, *, head_layers: int) -> dict:
+  """Accuracy with its interval for `ar`, `mdm` and `ar_bidir`, and the patching profiles of
+  `ar` and `mdm` on one task's items."""
+  offset = 1 if trained.shift else 0
+  pattern = bidirectional(items.clean.shape[1])
+  subjects = {"ar": Subject("ar", backbone, None, 1),
+              "mdm": Subject("mdm", trained.model, pattern, offset)}
+  profiles = {who: patching_profile(s, items, head_layers=head_layers)
+              for who, s in subjects.items()}
+  init_logits, _ = read_logits(backbone, jnp.asarray(items.clean), pattern, None,
+                               items.position - offset)
+  init_correct = int(np.sum(np.asarray(jnp.argmax(init_logits, -1)) == items.answer))
+  n = len(items)
+  row = {"items": n, "position": items.position, "cue": items.cue,
+         "example": tokenizer.decode(items.clean[0, 1:items.position].tolist()),
+         "answer": tokenizer.decode([int(items.answer[0])]),
+         "init_acc": init_correct / n, "init_acc_ci": _acc_ci(init_correct, n)}
+  for who, p in profiles.items():
+    row[f"{who}_acc"] = p["accuracy"]
+    row[f"{who}_acc_ci"] = _acc_ci(p["correct"], n)
+  row["logit_difference"] = {who: {"clean": p["ld_clean"], "corrupt": p["ld_corrupt"]}
+                             for who, p in profiles.items()}
+  row["patching"] = {who: p["layers"] for who, p in profiles.items()}
+  row["head_patching"] = {who: p["heads"] for who, p in profiles.items()}
+  row["early_share"] = {who: p["early_share"] for who, p in profiles.items()}
+  row["profile_correlation"] = float(scipy.stats.pearsonr(profiles["ar"]["layers"],
+                                                          profiles["mdm"]["layers"])[0])
+  row["head_concentration"] = {who: head_concentration(p["heads"]) for who, p in profiles.items()}
+  return row
+
+
 def run_mechanism(config: ml_collections.ConfigDict, workdir: str | Path, *,
                   progress: bool = True) -> dict:
+  """The whole study (module docstring) into `workdir`; returns report.json's content."""
   workdir = Path(workdir)
   m = config.mechanism
   t0 = time.perf_counter()
@@ -117,66 +196,14 @@ def run_mechanism(config: ml_collections.ConfigDict, workdir: str | Path, *,
   trained = load_mdm(config, mdm_dir)
   data = Data.from_config(config, workdir)
   backbone = checkpoint.load_backbone(config, checkpoint.checkpoint_dir(config, workdir))
-  cfg = backbone.cfg
-  offset = 1 if trained.shift else 0
-  window = config.data.window
-
-  # Representations, attention and logit lens on test windows.
   tokens = jnp.asarray(data.first_windows("test", m.windows))
   if len(tokens) < m.windows:
     raise UserInputError(f"--config.mechanism.windows={m.windows}: the test split has "
                          f"{len(tokens)} windows")
-  t = jnp.full((len(tokens),), m.mask_rate)
-  noisy, masked = mask_tokens(jax.random.key(config.seed), tokens, t, trained.mask_id)
-  both = bidirectional(window)
-  runs = {"ar": (backbone, tokens, None), "mdm": (trained.model, noisy, both),
-          "ar_bidir": (backbone, noisy, both)}
-  traced = {}
-  for name, (model, inputs, pattern) in tqdm(runs.items(), desc="trace", disable=not progress):
-    _, out = _trace(model, inputs, attention=pattern, emit=("states", "probs"))
-    traced[name] = jax.tree.map(np.asarray, out)
-  masked = np.asarray(masked)
-  positions = np.arange(window)[None] > 0
-  unmasked = positions & ~masked
-  cka = []
-  for l in range(cfg.num_layers):
-    ar = traced["ar"]["states"][l]
-    row = {"layer": l + 1}
-    for name, key in (("mdm", "cka"), ("ar_bidir", "cka_init")):
-      other = traced[name]["states"][l]
-      row[key] = similarity.linear_cka(ar[unmasked], other[unmasked])
-      row[f"{key}_masked"] = similarity.linear_cka(ar[masked], other[masked])
-    cka.append(row)
+  layers = compare_layers(backbone, trained, tokens, mask_rate=m.mask_rate, seed=config.seed)
 
-  attention, heads = [], {}
-  query = np.broadcast_to(positions, masked.shape)
-  for name in MODELS:
-    probs = traced[name]["probs"]  # [L, B, K, G, T, S]
-    per_layer = []
-    for l in range(cfg.num_layers):
-      p = probs[l].reshape(probs.shape[1], -1, window, window)
-      stats = attention_stats.head_statistics(p, query)
-      per_layer.append(stats)
-      attention.append({"layer": l + 1, "model": name,
-                        **{k: float(v.mean()) for k, v in stats.items()}})
-    heads[name] = {k: [s[k].tolist() for s in per_layer] for k in attention_stats.STATISTICS}
-
-  ar_pred = np.asarray(_lens_predictions(backbone, jnp.asarray(traced["ar"]["states"])))
-  targets = np.asarray(tokens)
-  lens = []
-  mdm_pred = {name: np.asarray(_lens_predictions_shifted(model, jnp.asarray(
-      traced[name]["states"]), trained.shift)) for name, model in (("mdm", trained.model),
-                                                                   ("ar_bidir", backbone))}
-  for l in range(cfg.num_layers):
-    lens.append({"layer": l + 1,
-                 "ar_acc": float(np.mean(ar_pred[l][:, :-1] == targets[:, 1:])),
-                 "mdm_acc": float(np.mean(mdm_pred["mdm"][l][masked] == targets[masked])),
-                 "init_acc": float(np.mean(mdm_pred["ar_bidir"][l][masked] == targets[masked]))})
-  del traced
-
-  # Tasks: accuracy and patching.
   train_stream = data.first_windows("train")[:, 1:].reshape(-1)
-  test_stream = np.asarray(data.first_windows("test"))[:, 1:].reshape(-1)
+  test_stream = data.first_windows("test")[:, 1:].reshape(-1)
   common = dict(separator=data.separator, mask_id=trained.mask_id, masks=m.masks, seed=config.seed)
   try:
     task_items = {
@@ -186,40 +213,13 @@ def run_mechanism(config: ml_collections.ConfigDict, workdir: str | Path, *,
                                  num=m.task_items, span=m.span, filler=m.filler, **common)}
   except ValueError as error:
     raise UserInputError(f"mechanism: {error} (fewer --config.mechanism.task_items?)") from None
-  subjects = {"ar": Subject("ar", backbone, None, 1),
-              "mdm": None}  # built per task: its pattern depends on the row length
-  task_rows = {}
-  for name, items in tqdm(task_items.items(), desc="tasks", disable=not progress):
-    length = items.clean.shape[1]
-    subjects["mdm"] = Subject("mdm", trained.model, bidirectional(length), offset)
-    profiles = {who: patching_profile(s, items, head_layers=m.head_layers)
-                for who, s in subjects.items()}
-    init_logits, _ = read_logits(backbone, jnp.asarray(items.clean), bidirectional(length), None,
-                                 items.position - offset)
-    init_correct = int(np.sum(np.asarray(jnp.argmax(init_logits, -1)) == items.answer))
-    row = {"items": len(items), "position": items.position, "cue": items.cue,
-           "example": data.tokenizer.decode(items.clean[0, 1:items.position].tolist()),
-           "answer": data.tokenizer.decode([int(items.answer[0])]),
-           "init_acc": init_correct / len(items), "init_acc_ci": _acc_ci(init_correct, len(items))}
-    for who, p in profiles.items():
-      row[f"{who}_acc"] = p["accuracy"]
-      row[f"{who}_acc_ci"] = _acc_ci(p["correct"], len(items))
-    row["logit_difference"] = {who: {"clean": p["ld_clean"], "corrupt": p["ld_corrupt"]}
-                               for who, p in profiles.items()}
-    row["patching"] = {who: p["layers"] for who, p in profiles.items()}
-    row["head_patching"] = {who: p["heads"] for who, p in profiles.items()}
-    row["early_share"] = {who: p["early_share"] for who, p in profiles.items()}
-    row["profile_correlation"] = float(scipy.stats.pearsonr(profiles["ar"]["layers"],
-                                                            profiles["mdm"]["layers"])[0])
-    row["head_concentration"] = {who: head_concentration(p["heads"])
-                                 for who, p in profiles.items()}
-    task_rows[name] = row
+  task_rows = {name: task_row(items, backbone, trained, data.tokenizer,
+                              head_layers=m.head_layers)
+               for name, items in tqdm(task_items.items(), desc="tasks", disable=not progress)}
 
   report = {"mdm": {"workdir": str(mdm_dir), "step": trained.step, "mask_id": trained.mask_id,
                     "shift": trained.shift},
-            "windows": int(len(tokens)), "mask_rate": m.mask_rate,
-            "tokens": {"unmasked": int(unmasked.sum()), "masked": int(masked.sum())},
-            "cka": cka, "attention": attention, "attention_heads": heads, "logit_lens": lens,
+            "windows": int(len(tokens)), "mask_rate": m.mask_rate, **layers,
             "tasks": task_rows, "timings": {"total_s": time.perf_counter() - t0}}
   reports.write_text(workdir / "report.md", summary(report))
   plot(report, workdir)
