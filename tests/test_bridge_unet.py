@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dihal_jax.bridge.unet import (Conv1D, GroupNorm, SelfAttention, UNet, UNetConfig,
+from dihal_jax.bridge.unet import (SelfAttention, UNet, UNetConfig, conv1d, group_norm,
                                    num_params, sinusoidal_embedding)
 from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh, param_shardings
 
@@ -196,8 +196,8 @@ def test_initial_output_is_zero_and_one_adam_step_lowers_the_loss():
 # --- 3. parts against float64 NumPy ---------------------------------------------------------
 
 def test_group_norm_matches_numpy():
-  c, groups = 12, 3
-  norm = GroupNorm(c, groups, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  c, groups = 12, 3  # the nnx.GroupNorm as the UNet configures it
+  norm = group_norm(c, groups, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   scale, bias = rng.normal(size=c), rng.normal(size=c)
   norm.scale.set_value(jnp.asarray(scale, jnp.float32))
@@ -215,7 +215,7 @@ def test_group_norm_matches_numpy():
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv1d_matches_numpy(stride):
   c_in, c_out, n = 5, 7, 12
-  conv = nnx.eval_shape(lambda: Conv1D(c_in, c_out, stride=stride, dtype=jnp.float32,
+  conv = nnx.eval_shape(lambda: conv1d(c_in, c_out, stride=stride, dtype=jnp.float32,
                                        param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(1)
   w, bias = rng.normal(size=(3, c_in, c_out)), rng.normal(size=c_out)

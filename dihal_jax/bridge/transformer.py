@@ -40,7 +40,7 @@ from dihal_jax.backbone import rope
 from dihal_jax.backbone.config import BackboneConfig
 from dihal_jax.backbone.model import Block, Decoder, RMSNorm
 from dihal_jax.bridge.normalization import Normalizer
-from dihal_jax.bridge.unet import Linear, sinusoidal_embedding
+from dihal_jax.bridge.unet import linear, sinusoidal_embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +56,9 @@ class Constant(nnx.Variable):
   """Fixed state saved with the model but never trained (the normalizer's affine map)."""
 
 
-def _zero(linear: Linear) -> Linear:
-  linear.kernel.set_value(jnp.zeros_like(linear.kernel[...]))
-  return linear
+def _zero(layer: nnx.Linear) -> nnx.Linear:
+  layer.kernel.set_value(jnp.zeros_like(layer.kernel[...]))
+  return layer
 
 
 class TransformerDenoiser(nnx.Module):
@@ -77,16 +77,16 @@ class TransformerDenoiser(nnx.Module):
     self.to_backbone = Constant(jnp.asarray(norm.scale[:, None] * basis.T, jnp.float32))
     kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
     self.blocks = nnx.List([Block(block_cfg, **kw) for _ in range(cfg.blocks)])
-    self.time_in = Linear(cfg.time_dim, cfg.time_dim, ("time_embed", "time_embed_out"), **kw)
-    self.time_out = Linear(cfg.time_dim, cfg.time_dim, ("time_embed", "time_embed_out"), **kw)
+    self.time_in = linear(cfg.time_dim, cfg.time_dim, ("time_embed", "time_embed_out"), **kw)
+    self.time_out = linear(cfg.time_dim, cfg.time_dim, ("time_embed", "time_embed_out"), **kw)
     self.modulation = nnx.List([
-        _zero(Linear(cfg.time_dim, 6 * d, ("time_embed", "channels_out"), **kw))
+        _zero(linear(cfg.time_dim, 6 * d, ("time_embed", "channels_out"), **kw))
         for _ in range(cfg.blocks)])
     self.known_embed = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("norm",))
-    self.self_cond = (_zero(Linear(d, d, ("embed", "channels_out"), **kw))
+    self.self_cond = (_zero(linear(d, d, ("embed", "channels_out"), **kw))
                       if cfg.self_condition else None)
     self.out_norm = RMSNorm(d, eps=block_cfg.rms_norm_eps, param_dtype=jnp.float32, rngs=rngs)
-    self.out = _zero(Linear(d, d, ("embed", "channels_out"), **kw))
+    self.out = _zero(linear(d, d, ("embed", "channels_out"), **kw))
 
   def load_blocks(self, backbone: Decoder, first: int) -> None:
     """Copies backbone blocks first..first+m-1 (1-based; block l outputs h_l) into the blocks."""

@@ -30,6 +30,15 @@ Layout (C = cfg.channels, level l has C * channel_mults[l] channels):
 Matmuls and convs run in `dtype` with float32 accumulation; GroupNorm, softmax
 and the output projection are float32, and the output is float32.
 
+Layers: GroupNorm, the linear maps (time MLP, FiLM, skips) and the convs are
+`nnx.GroupNorm` / `nnx.Linear` / `nnx.Conv` as `group_norm`, `linear` and `conv1d`
+configure them (float32 statistics, float32 accumulation and bias, explicit (1, 1)
+padding); the attention core is `jax.nn.dot_product_attention`. The input and
+output projections and the attention's q/k/v/o projections stay plain parameters
+with einsums: `nnx.MultiHeadAttention` has q/k/v biases (this attention has none)
+and computes its logits in `dtype`, and keeping these parameter paths keeps
+existing bridge checkpoints loadable.
+
 Usage:
   model = UNet(576, UNetConfig(), rngs=nnx.Rngs(0))
   model.init_input_projection(pca_components)       # optional, [576, C]
@@ -51,7 +60,6 @@ from flax import nnx
 
 _INIT = nnx.initializers.lecun_normal()  # fan_in = every axis but the last (conv taps included)
 _ZEROS = nnx.initializers.zeros
-_ONES = nnx.initializers.ones
 _EPS = 1e-5  # GroupNorm epsilon (PyTorch's default)
 
 
@@ -91,61 +99,63 @@ def _einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
   return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
-class GroupNorm(nnx.Module):
-  """GroupNorm over (positions, channels of a group) per example, in float32."""
+def _matmul_operands(args, dtype=None, inexact=True):
+  """`promote_dtype` of the nnx Linear/Conv layers: input and kernel in `dtype`, bias in float32.
 
-  def __init__(self, channels: int, groups: int, *, param_dtype, rngs: nnx.Rngs):
-    if channels % groups:
-      raise ValueError(f"GroupNorm: {channels} channels are not divisible by {groups} groups")
-    self.groups = groups
-    self.scale = _param(rngs, (channels,), ("norm",), param_dtype, init=_ONES)
-    self.bias = _param(rngs, (channels,), ("norm",), param_dtype, init=_ZEROS)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, n, c = x.shape
-    x32 = x.astype(jnp.float32).reshape(b, n, self.groups, c // self.groups)
-    mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)
-    y = ((x32 - mean) * jax.lax.rsqrt(var + _EPS)).reshape(b, n, c)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-class Linear(nnx.Module):
-  """x [..., C] -> [..., O] with bias; `names` are the kernel's logical axes."""
-
-  def __init__(self, c_in: int, c_out: int, names: tuple[str, str], *, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    self.dtype = dtype
-    self.kernel = _param(rngs, (c_in, c_out), names, param_dtype)
-    self.bias = _param(rngs, (c_out,), names[1:], param_dtype, init=_ZEROS)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = _einsum("...C,CO->...O", x, self.kernel[...], self.dtype)
-    return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
-
-
-class Conv1D(nnx.Module):
-  """Convolution over positions, kernel [3, C, O], zero padding 1 per side, with bias.
-
-  stride 1 keeps n ('SAME'); stride 2 halves an even n (PyTorch's
-  Conv1d(k=3, stride=2, padding=1)).
+  With `preferred_element_type=float32` the layer then sums in float32 and adds the
+  float32 bias to the float32 result; callers cast that result to `dtype`.
   """
+  del inexact
+  x, kernel, bias = args
+  return x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(jnp.float32)
 
-  def __init__(self, c_in: int, c_out: int, *, stride: int = 1, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    self.dtype = dtype
-    self.stride = stride
-    self.kernel = _param(rngs, (3, c_in, c_out), ("conv_taps", "channels", "channels_out"),
-                         param_dtype)
-    self.bias = _param(rngs, (c_out,), ("channels_out",), param_dtype, init=_ZEROS)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(self.stride,),
-        padding=[(1, 1)], dimension_numbers=("NWC", "WIO", "NWC"),
-        preferred_element_type=jnp.float32)
-    return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+def _float32(args, dtype=None, inexact=True):
+  """`promote_dtype` of the nnx GroupNorm: input, scale and bias in float32 (the output is
+  cast to the layer's `dtype`)."""
+  del dtype, inexact
+  return tuple(None if a is None else a.astype(jnp.float32) for a in args)
+
+
+def _axes(*names: str) -> dict:
+  """Variable metadata: logical axis names (see `parallel.sharding`)."""
+  return {"logical_axes": names}
+
+
+def group_norm(channels: int, groups: int, *, dtype, param_dtype,
+               rngs: nnx.Rngs) -> nnx.GroupNorm:
+  """GroupNorm over (positions, channels of a group) per example of x [B, N, C], eps 1e-5,
+  computed in float32, output in `dtype`."""
+  if channels % groups:
+    raise ValueError(f"GroupNorm: {channels} channels are not divisible by {groups} groups")
+  return nnx.GroupNorm(channels, num_groups=groups, epsilon=_EPS, use_fast_variance=False,
+                       dtype=dtype, param_dtype=param_dtype, promote_dtype=_float32,
+                       scale_metadata=_axes("norm"), bias_metadata=_axes("norm"), rngs=rngs)
+
+
+def linear(c_in: int, c_out: int, names: tuple[str, str], *, dtype, param_dtype,
+           rngs: nnx.Rngs) -> nnx.Linear:
+  """x [..., C] -> [..., O] with bias, in `dtype` with a float32 result; `names` are the
+  kernel's logical axes (the bias gets the last)."""
+  return nnx.Linear(c_in, c_out, dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT,
+                    bias_init=_ZEROS, promote_dtype=_matmul_operands,
+                    preferred_element_type=jnp.float32, kernel_metadata=_axes(*names),
+                    bias_metadata=_axes(*names[1:]), rngs=rngs)
+
+
+def conv1d(c_in: int, c_out: int, *, stride: int = 1, dtype, param_dtype,
+           rngs: nnx.Rngs) -> nnx.Conv:
+  """Convolution over positions of x [B, N, C], kernel [3, C, O], zero padding 1 per side,
+  with bias, in `dtype` with a float32 result.
+
+  stride 1 keeps n; stride 2 halves an even n (PyTorch's Conv1d(k=3, stride=2,
+  padding=1); Flax's 'SAME' would pad (0, 1) there).
+  """
+  return nnx.Conv(c_in, c_out, kernel_size=(3,), strides=stride, padding=[(1, 1)],
+                  dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, bias_init=_ZEROS,
+                  promote_dtype=_matmul_operands, preferred_element_type=jnp.float32,
+                  kernel_metadata=_axes("conv_taps", "channels", "channels_out"),
+                  bias_metadata=_axes("channels_out"), rngs=rngs)
 
 
 class ResBlock(nnx.Module):
@@ -154,21 +164,23 @@ class ResBlock(nnx.Module):
   def __init__(self, c_in: int, c_out: int, emb_dim: int, cfg: UNetConfig, *, dtype,
                param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = GroupNorm(c_in, cfg.groups, param_dtype=param_dtype, rngs=rngs)
-    self.conv1 = Conv1D(c_in, c_out, **kw)
-    self.film = Linear(emb_dim, 2 * c_out, ("time_embed", "channels_out"), **kw)
-    self.norm2 = GroupNorm(c_out, cfg.groups, param_dtype=param_dtype, rngs=rngs)
+    self.dtype = dtype
+    self.norm1 = group_norm(c_in, cfg.groups, **kw)
+    self.conv1 = conv1d(c_in, c_out, **kw)
+    self.film = linear(emb_dim, 2 * c_out, ("time_embed", "channels_out"), **kw)
+    self.norm2 = group_norm(c_out, cfg.groups, **kw)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
-    self.conv2 = Conv1D(c_out, c_out, **kw)
-    self.skip = None if c_in == c_out else Linear(c_in, c_out, ("channels", "channels_out"), **kw)
+    self.conv2 = conv1d(c_out, c_out, **kw)
+    self.skip = None if c_in == c_out else linear(c_in, c_out, ("channels", "channels_out"), **kw)
 
   def __call__(self, x: jax.Array, emb: jax.Array, deterministic: bool) -> jax.Array:
     """x [B, N, C], emb [B, E] -> [B, N, O]."""
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
-    scale, shift = jnp.split(self.film(jax.nn.silu(emb))[:, None, :], 2, axis=-1)
+    dt = self.dtype
+    h = self.conv1(jax.nn.silu(self.norm1(x))).astype(dt)
+    scale, shift = jnp.split(self.film(jax.nn.silu(emb)).astype(dt)[:, None, :], 2, axis=-1)
     h = jax.nn.silu(self.norm2(h) * (1 + scale) + shift)
-    h = self.conv2(self.dropout(h, deterministic=deterministic))
-    return (x if self.skip is None else self.skip(x)) + h
+    h = self.conv2(self.dropout(h, deterministic=deterministic)).astype(dt)
+    return (x if self.skip is None else self.skip(x).astype(dt)) + h
 
 
 class SelfAttention(nnx.Module):
@@ -180,7 +192,9 @@ class SelfAttention(nnx.Module):
     m, h = cfg.heads, channels // cfg.heads
     self.dtype = dtype
     self.scale = h ** -0.5
-    self.norm = GroupNorm(channels, cfg.groups, param_dtype=param_dtype, rngs=rngs)
+    self.norm = group_norm(channels, cfg.groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # Plain parameters, not nnx.MultiHeadAttention: that has q/k/v biases and computes the
+    # logits in `dtype`; these paths are also what existing checkpoints hold.
     in_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
     names = ("channels", "q_heads", "head_dim")
     self.q_proj = _param(rngs, (channels, m, h), names, param_dtype, init=in_init)
@@ -194,9 +208,8 @@ class SelfAttention(nnx.Module):
     y = self.norm(x)
     q, k, v = (_einsum("BNC,CMH->BNMH", y, p[...], self.dtype).astype(self.dtype)
                for p in (self.q_proj, self.k_proj, self.v_proj))
-    logits = jnp.einsum("BNMH,BSMH->BMNS", q, k, preferred_element_type=jnp.float32) * self.scale
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = _einsum("BMNS,BSMH->BNMH", probs, v, self.dtype)
+    # Logits and softmax in float32, probabilities back in `dtype` (XLA implementation).
+    out = jax.nn.dot_product_attention(q, k, v, scale=self.scale)
     out = _einsum("BNMH,MHC->BNC", out, self.o_proj[...], self.dtype)
     return x + (out + self.o_bias[...].astype(jnp.float32)).astype(x.dtype)
 
@@ -219,10 +232,11 @@ class Upsample(nnx.Module):
   """Nearest-neighbour x2 over positions, then a conv."""
 
   def __init__(self, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.conv = Conv1D(channels, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dtype = dtype
+    self.conv = conv1d(channels, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(jnp.repeat(x, 2, axis=1))
+    return self.conv(jnp.repeat(x, 2, axis=1)).astype(self.dtype)
 
 
 class UNet(nnx.Module):
@@ -273,8 +287,8 @@ class UNet(nnx.Module):
                     if cfg.self_condition else None)
     self.in_bias = _param(rngs, (c,), ("channels",), param_dtype, init=_ZEROS)
 
-    self.time_in = Linear(c, emb_dim, ("channels", "time_embed"), **kw)
-    self.time_out = Linear(emb_dim, emb_dim, ("time_embed", "time_embed_out"), **kw)
+    self.time_in = linear(c, emb_dim, ("channels", "time_embed"), **kw)
+    self.time_out = linear(emb_dim, emb_dim, ("time_embed", "time_embed_out"), **kw)
     self.class_embed = (_param(rngs, (cfg.num_classes + 1, emb_dim), ("classes", "time_embed"),
                                param_dtype, init=nnx.initializers.normal(1.0))
                         if cfg.num_classes else None)
@@ -289,7 +303,7 @@ class UNet(nnx.Module):
         ch = out
         skips.append(ch)
       if level < levels - 1:
-        downsample.append(Conv1D(ch, ch, stride=2, **kw))
+        downsample.append(conv1d(ch, ch, stride=2, **kw))
         skips.append(ch)
     self.down, self.downsample = nnx.List(down), nnx.List(downsample)
 
@@ -307,7 +321,7 @@ class UNet(nnx.Module):
         upsample.append(Upsample(ch, **kw))
     self.up, self.upsample = nnx.List(up), nnx.List(upsample)
 
-    self.out_norm = GroupNorm(ch, cfg.groups, param_dtype=param_dtype, rngs=rngs)
+    self.out_norm = group_norm(ch, cfg.groups, **kw)
     self.out_proj = _param(rngs, (ch, dim), ("channels", "embed"), param_dtype, init=_ZEROS)
     self.out_bias = _param(rngs, (dim,), ("norm",), param_dtype, init=_ZEROS)
 
@@ -363,8 +377,8 @@ class UNet(nnx.Module):
       h = h + _einsum("BND,DC->BNC", x0_prev, self.in_self[...], self.dtype)
     h = h.astype(self.dtype)
 
-    emb = self.time_out(jax.nn.silu(self.time_in(sinusoidal_embedding(1000.0 * t,
-                                                                       cfg.channels))))
+    emb = self.time_in(sinusoidal_embedding(1000.0 * t, cfg.channels)).astype(self.dtype)
+    emb = self.time_out(jax.nn.silu(emb)).astype(self.dtype)
     if self.class_embed is not None:
       rows = jnp.full((b,), -1) if labels is None else labels
       chex.assert_shape(rows, (b,))
@@ -378,7 +392,7 @@ class UNet(nnx.Module):
         h = self.down[level * blocks + i](h, emb, deterministic)
         skips.append(h)
       if level < levels - 1:
-        h = self.downsample[level](h)
+        h = self.downsample[level](h).astype(self.dtype)
         skips.append(h)
 
     h = self.mid1(h, emb, deterministic)
