@@ -35,6 +35,9 @@ def test_cka_matches_the_gram_definition_and_known_cases():
   assert independent < 0.01
   with pytest.raises(ValueError):
     similarity.linear_cka(x, y[:10])
+  normed = similarity.rms_normalized(x * rng.uniform(0.1, 100, size=(200, 1)))
+  np.testing.assert_allclose(np.sqrt(np.mean(normed ** 2, axis=1)), 1.0, rtol=1e-12)
+  np.testing.assert_allclose(normed, similarity.rms_normalized(x), rtol=1e-10)
 
 
 def test_attention_statistics_on_hand_built_maps():

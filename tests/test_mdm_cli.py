@@ -174,7 +174,8 @@ def test_mechanism_report_has_every_section(uninterrupted):
   report = json.loads((out / "report.json").read_text())
   assert report["mdm"]["step"] == STEPS and report["windows"] == 4
   assert [r["layer"] for r in report["cka"]] == [1, 2, 3]
-  assert all(0 <= r[k] <= 1 + 1e-9 for r in report["cka"] for k in ("cka", "cka_masked"))
+  assert all(0 <= r[k] <= 1 + 1e-9 for r in report["cka"]
+             for k in ("cka", "cka_masked", "cka_normed", "cka_init_normed_masked"))
   assert {(r["model"], r["layer"]) for r in report["attention"]} == {
       (m, l) for m in ("ar", "mdm", "ar_bidir") for l in (1, 2, 3)}
   assert all(r["future"] == 0.0 for r in report["attention"] if r["model"] == "ar")

@@ -121,8 +121,11 @@ def compare_layers(backbone, trained, tokens: jax.Array, *, mask_rate: float,
     row = {"layer": l + 1}
     for name, key in (("mdm", "cka"), ("ar_bidir", "cka_init")):
       other = traced[name]["states"][l]
-      row[key] = similarity.linear_cka(ar[unmasked], other[unmasked])
-      row[f"{key}_masked"] = similarity.linear_cka(ar[masked], other[masked])
+      for where, suffix in ((unmasked, ""), (masked, "_masked")):
+        x, y = ar[where], other[where]
+        row[key + suffix] = similarity.linear_cka(x, y)
+        row[f"{key}_normed{suffix}"] = similarity.linear_cka(similarity.rms_normalized(x),
+                                                              similarity.rms_normalized(y))
     cka.append(row)
 
   attention, heads = [], {}
@@ -251,7 +254,7 @@ def summary(report: dict) -> str:
   rows = []
   for c, lens in zip(report["cka"], report["logit_lens"]):
     l = c["layer"]
-    rows.append([l, c["cka"], c["cka_masked"], c["cka_init"], c["cka_init_masked"],
+    rows.append([l, c["cka_normed"], c["cka_normed_masked"], c["cka_init_normed"], c["cka"],
                  lens["ar_acc"], lens["mdm_acc"], lens["init_acc"],
                  attention[("ar", l)]["mean_distance"], attention[("mdm", l)]["mean_distance"],
                  attention[("ar", l)]["entropy"], attention[("mdm", l)]["entropy"],
@@ -260,7 +263,7 @@ def summary(report: dict) -> str:
                    for name in report["tasks"] for who in ("ar", "mdm")])
   patch_header = [f"patch {name} {who}" for name in report["tasks"] for who in ("AR", "MDM")]
   lines.append(reports.markdown_table(
-      ["layer", "CKA", "CKA masked", "CKA ar_bidir", "CKA ar_bidir masked", "lens AR",
+      ["layer", "CKA (normed)", "CKA masked (normed)", "CKA ar_bidir (normed)", "CKA raw", "lens AR",
        "lens MDM", "lens ar_bidir", "distance AR", "distance MDM", "entropy AR", "entropy MDM",
        "future MDM"] + patch_header, rows))
   return "\n".join(lines) + "\n"
@@ -274,10 +277,12 @@ def plot(report: dict, workdir: Path) -> None:
 
   layers = [r["layer"] for r in report["cka"]]
   fig, ax = plt.subplots(figsize=(7, 3.8))
-  for key, label in (("cka", "MDM, unmasked"), ("cka_masked", "MDM, masked"),
-                     ("cka_init", "ar_bidir, unmasked"), ("cka_init_masked", "ar_bidir, masked")):
-    ax.plot(layers, [r[key] for r in report["cka"]], "o-", ms=3, label=label)
-  ax.set(xlabel="layer", ylabel="linear CKA with the AR model", ylim=(0, 1.02))
+  for key, label in (("cka_normed", "MDM, unmasked"), ("cka_normed_masked", "MDM, masked"),
+                     ("cka_init_normed", "ar_bidir, unmasked"), ("cka", "MDM, unmasked, raw")):
+    ax.plot(layers, [r[key] for r in report["cka"]], "o-", ms=3, label=label,
+            ls=":" if key == "cka" else "-")
+  ax.set(xlabel="layer", ylabel="linear CKA with the AR model (tokens RMS-normed)",
+         ylim=(0, 1.02))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   reports.save_figure(fig, workdir / "cka.png")

@@ -5,6 +5,11 @@ CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred 
 isotropic scaling of one of them, and near 0 for independent ones; it does not need the
 two to have the same width. Computed in float64 from the feature side (features^2 memory,
 not n^2), which suits n = thousands of tokens and widths of hundreds to thousands.
+
+Linear CKA is a variance-weighted measure: a few tokens with massive norms (SmolLM2's
+middle layers hold tokens 50-140x the median norm) decide it alone. `rms_normalized`
+scales every token to unit RMS first, as the next block's input norm does, so that the
+comparison is over what the model reads; the report gives both.
 """
 
 from __future__ import annotations
@@ -22,3 +27,9 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
   y = y - y.mean(axis=0)
   cross = np.linalg.norm(y.T @ x) ** 2
   return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def rms_normalized(x: np.ndarray) -> np.ndarray:
+  """Each row of x [n, d] divided by its root mean square (float64)."""
+  x = np.asarray(x, np.float64)
+  return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True))
