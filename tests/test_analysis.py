@@ -174,7 +174,7 @@ def test_patching_profile_against_closed_forms(models):
   # The profile's entries are the restoration formula on runs patched at the read position.
   empty = tracing.no_patch(np.arange(12) == 10, clean_trace["deltas"], clean_trace["heads"])
   items = tasks.Items(clean, corrupt, position=11, answer=answer, corrupt_answer=other, cue=0)
-  profile = patching.patching_profile(patching.Subject("ar", model, None, 1), items,
+  profile = patching.patching_profile(patching.Subject(model, None, 1), items,
                                       head_layers=1)
   none, _ = patching.read_logits(model, jnp.asarray(corrupt), None, empty, 10)
   assert patching.logit_difference(none, answer, other) == pytest.approx(profile["ld_corrupt"],

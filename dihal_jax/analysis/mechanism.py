@@ -158,8 +158,8 @@ def task_row(items: tasks.Items, backbone, trained, tokenizer, *, head_layers: i
   `ar` and `mdm` on one task's items."""
   offset = 1 if trained.shift else 0
   pattern = bidirectional(items.clean.shape[1])
-  subjects = {"ar": Subject("ar", backbone, None, 1),
-              "mdm": Subject("mdm", trained.model, pattern, offset)}
+  subjects = {"ar": Subject(backbone, None, 1),
+              "mdm": Subject(trained.model, pattern, offset)}
   profiles = {who: patching_profile(s, items, head_layers=head_layers)
               for who, s in subjects.items()}
   init_logits, _ = read_logits(backbone, jnp.asarray(items.clean), pattern, None,

@@ -35,7 +35,6 @@ class Subject:
   token P's prediction (position P - offset: 1 for next-token logits, as the AR model and a
   shifted MDM have; 0 for an unshifted MDM)."""
 
-  name: str
   model: Decoder
   attention: jax.Array | None
   offset: int
@@ -70,15 +69,15 @@ def patching_profile(subject: Subject, items: Items, *, head_layers: int) -> dic
   cfg = model.cfg
   clean_logits, clean = read_logits(model, jnp.asarray(items.clean), subject.attention, None,
                                     read, ("deltas", "heads"))
-  corrupt_logits, _ = read_logits(model, jnp.asarray(items.corrupt), subject.attention, None,
-                                  read)
+  corrupt = jnp.asarray(items.corrupt)
+  corrupt_logits, _ = read_logits(model, corrupt, subject.attention, None, read)
   ld_clean = logit_difference(clean_logits, items.answer, items.corrupt_answer)
   ld_corrupt = logit_difference(corrupt_logits, items.answer, items.corrupt_answer)
   at_read = jnp.arange(items.clean.shape[1]) == read
   empty = tracing.no_patch(at_read, clean["deltas"], clean["heads"])
 
   def restored(patch: tracing.Patch) -> float:
-    logits, _ = read_logits(model, jnp.asarray(items.corrupt), subject.attention, patch, read)
+    logits, _ = read_logits(model, corrupt, subject.attention, patch, read)
     ld = logit_difference(logits, items.answer, items.corrupt_answer)
     return (ld - ld_corrupt) / (ld_clean - ld_corrupt)
 
