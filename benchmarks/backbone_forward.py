@@ -23,7 +23,7 @@ embedding gather are not counted. The same counts are used for torch's GFLOP/s.
 The numbers are only meaningful on otherwise idle cores: the 1-minute load
 average before and after is printed and stored.
 
-Run (defaults: --batch 8 --tokens 256 --repeats 5):
+Run (defaults: --batch 8 --tokens 256 --repeats 5 --attention auto):
   python benchmarks/backbone_forward.py --out /tmp/bench.json
 """
 
@@ -48,6 +48,7 @@ from dihal_jax.backbone.checkpoint import random_hf_checkpoint
 from dihal_jax.defaults import load_config_file
 from dihal_jax.backbone.convert import load_model
 from dihal_jax.backbone.embedded import resolve_checkpoint
+from dihal_jax.backbone.model import ATTENTION
 from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 from dihal_jax.reports import write_json
 
@@ -120,6 +121,8 @@ def main() -> None:
   parser.add_argument("--random-weights", action="store_true",
                       help="a seeded random model of SmolLM2's shape (machines without the "
                       "embedded package; speed does not depend on the weights)")
+  parser.add_argument("--attention", choices=ATTENTION, default="auto",
+                      help="the JAX attention kernel (config model.attention)")
   args = parser.parse_args()
 
   threads = os.cpu_count()
@@ -131,7 +134,8 @@ def main() -> None:
   else:
     ckpt = resolve_checkpoint(CHECKPOINT)
   dtype = jnp.dtype(args.dtype)
-  model = load_model(ckpt, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES, dtype=dtype)
+  model = load_model(ckpt, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES, dtype=dtype,
+                     attention=args.attention)
   cfg = model.cfg
   n_tokens = args.batch * args.tokens
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.tokens),
@@ -162,7 +166,8 @@ def main() -> None:
       "gemm_gflops_per_s": gemm_flops_per_s / 1e9,
       "settings": {
           "checkpoint": "random" if args.random_weights else CHECKPOINT, "batch": args.batch,
-          "tokens": args.tokens, "dtype": args.dtype, "torch_device": args.torch_device,
+          "tokens": args.tokens, "dtype": args.dtype, "attention": args.attention,
+          "torch_device": args.torch_device,
           "repeats": args.repeats,
           "gemm_repeats": GEMM_REPEATS_FACTOR * args.repeats, "gemm_shape": list(gemm_shape),
           "threads": threads, "torch_num_threads": torch.get_num_threads(),
@@ -175,8 +180,8 @@ def main() -> None:
       "raw_seconds": {"warmup": warmup, **times},
   }
 
-  print(f"SmolLM2-135M forward (all hidden states + logits), {args.dtype}, batch={args.batch} "
-        f"tokens={args.tokens}, median of {args.repeats}; {threads} threads "
+  print(f"SmolLM2-135M forward (all hidden states + logits), {args.dtype}, attention "
+        f"{args.attention}, batch={args.batch} tokens={args.tokens}, median of {args.repeats}; {threads} threads "
         f"(torch.set_num_threads({torch.get_num_threads()}), XLA CPU default pool)")
   print(f"  {'':24s}{'median s':>10s}{'tokens/s':>10s}{'GFLOP/s':>10s}")
   for name, median in (("jax (jit)", jax_s), ("torch (eager)", torch_s)):

@@ -26,6 +26,10 @@ def base() -> ml_collections.ConfigDict:
   c.model.hf_config = ml_collections.ConfigDict()  # HF config.json fields (presets only)
   c.model.dtype = "float32"  # compute dtype of matmuls (norms/softmax stay float32)
   c.model.param_dtype = "float32"  # storage dtype of params
+  # Attention kernel: "auto" (cuDNN flash attention on a GPU where dtype and shapes allow,
+  # else "xla"), "xla" / "cudnn" (jax.nn.dot_product_attention), or "reference" (the
+  # explicit float32 probabilities of backbone/model.py, as analysis/trace.py records them).
+  c.model.attention = "auto"
   # The document separator every window starts with (docs/design.md, "Position 0");
   # falls back to the tokenizer's BOS when the vocabulary lacks it.
   c.model.separator = "<|endoftext|>"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from dihal_jax.backbone.model import check_attention
 from dihal_jax.errors import UserInputError
 from dihal_jax.mdm import sampler as mdm_sampler
 from dihal_jax.mdm import train as mdm_train
@@ -24,6 +25,7 @@ def _need(ok: bool, message: str) -> None:
 
 
 def check(config: ml_collections.ConfigDict, command: str) -> None:
+  check_attention(config.model.attention)
   d = config.data
   _need(d.window >= 2, f"--config.data.window={d.window}: expected >= 2 (the separator and at "
         "least one token)")

@@ -31,6 +31,7 @@ def _cli(*args, timeout=900):
     ("train", ["--config.bridge.layer=7"], "--config.bridge.layer=7: outside 0..2"),
     ("locate", ["--config.bridge.layer=first"], "--config.bridge.layer='first'"),
     ("data", ["--config.data.window=1"], "--config.data.window=1"),
+    ("data", ["--config.model.attention=flash"], "--config.model.attention='flash'"),
     ("data", ["--config.data.window=100000"], "--config.data.window=100000: longer than"),
     ("eval", ["--config.eval.seeds=0"], "--config.eval.seeds=0"),
     ("eval", ["--config.eval.num=1"], "--config.eval.num=1"),

@@ -94,11 +94,12 @@ def backbone_config(config: ml_collections.ConfigDict) -> BackboneConfig:
 
 
 def load_backbone(config: ml_collections.ConfigDict, ckpt_dir: Path) -> Decoder:
-  """Loads `ckpt_dir` onto the config's mesh with its dtypes."""
+  """Loads `ckpt_dir` onto the config's mesh with its dtypes and attention kernel."""
   mesh, rules = mesh_and_rules(config)
   return load_model(ckpt_dir, mesh=mesh, rules=rules,
                     dtype=jnp.dtype(config.model.dtype),
-                    param_dtype=jnp.dtype(config.model.param_dtype))
+                    param_dtype=jnp.dtype(config.model.param_dtype),
+                    attention=config.model.attention)
 
 
 def load_tokenizer(ckpt_dir: Path):

@@ -201,8 +201,9 @@ def _check_keys(ckpt: SafetensorsCheckpoint, cfg: BackboneConfig):
 
 
 def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh, rules: Rules,
-               dtype=jnp.float32, param_dtype=jnp.float32) -> Decoder:
-  """Builds a `Decoder` from an HF checkpoint directory, each param born sharded on `mesh`."""
+               dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto") -> Decoder:
+  """Builds a `Decoder` from an HF checkpoint directory, each param born sharded on `mesh`;
+  `attention` is its kernel (a `model.attention` value)."""
   ckpt = SafetensorsCheckpoint(directory)
   try:
     cfg = BackboneConfig.from_hf_config(ckpt.hf_config)
@@ -210,7 +211,7 @@ def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh, rules: 
     raise UserInputError(f"{ckpt.directory / 'config.json'}: {e}") from None
   _check_keys(ckpt, cfg)
   abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype,
-                                            rngs=nnx.Rngs(0)))
+                                            attention=attention, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   shardings = param_shardings(state, mesh, rules)
   mapping = param_map(cfg)

@@ -25,6 +25,7 @@ from flax import nnx
 
 from dihal_jax.backbone import rope
 from dihal_jax.backbone.config import BackboneConfig
+from dihal_jax.errors import UserInputError
 from dihal_jax.parallel.sharding import Rules, param_shardings
 
 _INIT = nnx.initializers.normal(0.02)
@@ -32,6 +33,41 @@ _MASKED = -1e30  # finite: a fully masked row (padding query) gives a uniform so
 
 
 _ONES = object()
+
+# `model.attention`: how attention is computed. "reference" spells out the float32
+# [B, K, G, T, S] probabilities (`Attention.probabilities` / `heads`); "xla" and "cudnn" are
+# `jax.nn.dot_product_attention`'s kernels; "auto" = cudnn where it applies, else xla.
+ATTENTION = ("auto", "xla", "cudnn", "reference")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def check_attention(name: str) -> None:
+  """One error line for a `model.attention` that names no kernel."""
+  if name not in ATTENTION:
+    raise UserInputError(f"--config.model.attention={name!r}: expected one of "
+                         f"{', '.join(ATTENTION)}")
+
+
+def attention_kernel(name: str, dtype, head_dim: int, query_len: int, key_len: int,
+                     platform: str) -> str:
+  """The kernel `model.attention=name` runs for these shapes: reference, xla or cudnn.
+
+  cuDNN's flash attention takes only bf16/fp16, head dims that are multiples of 8 up
+  to 128 (256 from Hopper on), and, when differentiated with a mask, even lengths;
+  "auto" takes it only inside those bounds, on a GPU.
+  """
+  check_attention(name)
+  fits_cudnn = (jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+                and query_len % 2 == 0 and key_len % 2 == 0)
+  if name == "auto":
+    return "cudnn" if platform == "gpu" and fits_cudnn else "xla"
+  if name == "cudnn" and platform != "gpu":
+    raise UserInputError(f"--config.model.attention=cudnn: needs a GPU (the platform is "
+                         f"{platform}); use auto or xla")
+  if name == "cudnn" and jnp.dtype(dtype) not in _CUDNN_DTYPES:
+    raise UserInputError(f"--config.model.attention=cudnn: needs --config.model.dtype="
+                         f"bfloat16 or float16 (not {jnp.dtype(dtype).name}); use auto or xla")
+  return name
 
 
 def _matmul(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -69,11 +105,18 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3) and biases."""
+  """Grouped-query self-attention with RoPE, optional q/k RMSNorm (Qwen3) and biases.
 
-  def __init__(self, cfg: BackboneConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  `kernel` is a `model.attention` value (see `ATTENTION`), resolved per call by
+  `attention_kernel` from the traced shapes and the platform.
+  """
+
+  def __init__(self, cfg: BackboneConfig, *, dtype, param_dtype, kernel: str = "auto",
+               rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    check_attention(kernel)
     self.dtype = dtype
+    self.kernel = kernel
     self.scale = h ** -0.5
     self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), param_dtype)
     self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -124,6 +167,18 @@ class Attention(nnx.Module):
     return _matmul("BKGTS,BSKH->BTKGH", probs.astype(self.dtype), v,
                    self.dtype).reshape(b, t, kv * g, -1)
 
+  def attend(self, q, k, v, mask):
+    """Each head's output [B, T, N, H] for q [B, T, N, H], k and v [B, S, K, H], mask
+    [B, T, S] (True = attend). A fully masked row (a padding query) averages all keys in
+    every kernel: masked logits are finite, so its softmax is uniform, not NaN."""
+    kernel = attention_kernel(self.kernel, self.dtype, q.shape[-1], q.shape[1], k.shape[1],
+                              jax.default_backend())
+    if kernel == "reference":
+      return self.heads(self.probabilities(q, k, mask), v)
+    return jax.nn.dot_product_attention(
+        q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype), mask=mask[:, None],
+        scale=self.scale, implementation=kernel)
+
   def output(self, heads):
     """The output projection (and bias) of the heads [B, T, N, H] -> [B, T, D]."""
     out = _matmul("BTNH,NHD->BTD", heads, self.o_proj[...], self.dtype)
@@ -141,7 +196,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
       new_cache = (k, v)
-    return self.output(self.heads(self.probabilities(q, k, mask), v)), new_cache
+    return self.output(self.attend(q, k, v, mask)), new_cache
 
 
 class MLP(nnx.Module):
@@ -174,10 +229,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-  def __init__(self, cfg: BackboneConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: BackboneConfig, *, dtype, param_dtype, attention: str = "auto",
+               rngs: nnx.Rngs):
     kw = dict(param_dtype=param_dtype, rngs=rngs)
     self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-    self.attn = Attention(cfg, dtype=dtype, **kw)
+    self.attn = Attention(cfg, dtype=dtype, kernel=attention, **kw)
     self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg, dtype=dtype, **kw)
 
@@ -194,10 +250,11 @@ class Decoder(nnx.Module):
     cfg: architecture.
     dtype: compute dtype of matmuls (norms, softmax and RoPE stay float32).
     param_dtype: storage dtype of parameters.
+    attention: the attention kernel, a `model.attention` value (`ATTENTION`).
   """
 
   def __init__(self, cfg: BackboneConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               attention: str = "auto", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
@@ -205,7 +262,7 @@ class Decoder(nnx.Module):
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
     def make_blocks(rngs):
-      return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      return Block(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
 
     self.layers = make_blocks(rngs)
     self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype,
@@ -334,9 +391,10 @@ class Decoder(nnx.Module):
 
 
 def init_model(cfg: BackboneConfig, *, mesh: jax.sharding.Mesh, rules: Rules, seed: int = 0,
-               dtype=jnp.float32, param_dtype=jnp.float32) -> Decoder:
+               dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "auto") -> Decoder:
   """A randomly initialized Decoder whose params are born sharded (never whole on one device)."""
-  make = lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+  make = lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                         rngs=nnx.Rngs(seed))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   out = jax.tree.map(lambda v: v.get_value(), param_shardings(abstract, mesh, rules),
                      is_leaf=lambda x: isinstance(x, nnx.Variable))

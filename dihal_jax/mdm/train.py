@@ -261,7 +261,8 @@ def load_mdm(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainedM
     arch, optim = backbone_checkpoint.backbone_config(config), optim_config(
         ml_collections.ConfigDict(stored))
     state = holder["state"] = jax.eval_shape(lambda: init_train_state(
-        Decoder(arch, rngs=nnx.Rngs(0)), make_optimizer(optim)))
+        Decoder(arch, attention=config.model.attention, rngs=nnx.Rngs(0)),
+        make_optimizer(optim)))
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
 
   step, restored, extra, _ = read_latest(ckpt, abstract, what=MISSING)

@@ -129,7 +129,8 @@ class Models:
     self.param_dtype = jnp.dtype(config.model.param_dtype)
     cfg = self.cfg
     self.backbone_graphdef, self.backbone = nnx.split(nnx.eval_shape(
-        lambda: Decoder(cfg, dtype=self.dtype, param_dtype=self.param_dtype, rngs=nnx.Rngs(0))))
+        lambda: Decoder(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
+                        attention=config.model.attention, rngs=nnx.Rngs(0))))
     self.unet_cfg = UNetConfig(**config.bridge.unet.to_dict())
     self.diffusion_cfg = denoiser.diffusion_config(dict(config.bridge.to_dict(), denoiser="unet"))
     self.optimizer = make_optimizer(OptimConfig())  # the state's shapes do not depend on values
