@@ -1,8 +1,10 @@
-"""`dihal train` end to end on the tiny model: kill -9 resume, SIGTERM, NaN stop, config mismatch."""
+"""`dihal train` end to end on the tiny model: kill -9 resume, SIGTERM, NaN stop, config
+mismatch, TensorBoard events (read with a hand-written TFRecord + protobuf decoder)."""
 
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -56,6 +58,65 @@ def _losses(workdir):
   return {row["step"]: row["loss"] for row in rows}
 
 
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    byte, i = buf[i], i + 1
+    value |= (byte & 0x7F) << shift
+    shift += 7
+    if byte < 0x80:
+      return value, i
+
+
+def _fields(buf: bytes):
+  """(field number, value) of one protobuf message: ints for varints, bytes otherwise."""
+  i = 0
+  while i < len(buf):
+    key, i = _varint(buf, i)
+    kind = key & 7
+    if kind == 0:
+      value, i = _varint(buf, i)
+    elif kind == 2:
+      size, i = _varint(buf, i)
+      value, i = buf[i:i + size], i + size
+    else:
+      size = {1: 8, 5: 4}[kind]
+      value, i = buf[i:i + size], i + size
+    yield key >> 3, value
+
+
+def _tensorboard_scalars(workdir) -> dict:
+  """{(tag, step): value} as TensorBoard shows a run: its event files in name order; a
+  SessionLog START (status 1, Event field 7) at step s hides the steps >= s seen before.
+
+  TFRecord framing: uint64 length, uint32 CRC, the Event, uint32 CRC. Event: step = 2,
+  summary = 5 -> value = 1 -> (tag = 1, simple_value = 2, a float32).
+  """
+  out = {}
+  for path in sorted(workdir.glob("events.out.tfevents.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (size,) = struct.unpack_from("<Q", data, i)
+      event = list(_fields(data[i + 12:i + 12 + size]))
+      i += 12 + size + 4
+      step = dict(event).get(2, 0)
+      for number, value in event:
+        if number == 7 and dict(_fields(value)).get(1) == 1:
+          out = {key: v for key, v in out.items() if key[1] < step}
+        elif number == 5:
+          for _, summary_value in _fields(value):
+            fields = dict(_fields(summary_value))
+            out[(fields[1].decode(), step)] = struct.unpack("<f", fields[2])[0]
+  return out
+
+
+def _metrics_as_scalars(workdir) -> dict:
+  """metrics.jsonl as {(field, step): value in float32}."""
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {(name, row["step"]): np.float32(value) for row in rows for name, value in row.items()
+          if name != "step"}
+
+
 def _final_state(workdir):
   return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "state")
 
@@ -82,6 +143,8 @@ def test_kill_9_and_restart_reproduces_the_uninterrupted_run(uninterrupted):
   assert "resumed from step" in again.stdout
   a, b = _losses(run_a), _losses(run_b)
   assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  assert len(list(run_b.glob("events.out.tfevents.*"))) == 2  # the resumed run's own file
+  assert _tensorboard_scalars(run_b) == _metrics_as_scalars(run_b)
   assert all(a[s] == b[s] for s in a), [s for s in a if a[s] != b[s]][:5]
   final_a, final_b = _final_state(run_a), _final_state(run_b)
   leaves_a = jax_leaves(final_a)
@@ -96,6 +159,13 @@ def jax_leaves(tree):
   import jax.numpy as jnp
   return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
                      else x) for x in jax.tree.leaves(tree)]
+
+
+def test_tensorboard_events_hold_the_metrics_jsonl_scalars(uninterrupted):
+  _, run_a = uninterrupted
+  scalars = _tensorboard_scalars(run_a)
+  assert {tag for tag, _ in scalars} >= {"loss", "val_loss", "lr", "step_time_s", "tokens_per_s"}
+  assert scalars == _metrics_as_scalars(run_a)
 
 
 def test_sigterm_saves_and_exits_0_then_resumes(uninterrupted):

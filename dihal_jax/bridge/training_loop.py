@@ -4,9 +4,12 @@ checkpoint, stop.
 Resume: the latest readable checkpoint (the state's `checkpoint_items()`, its step and the
 batch iterator's position) replaces the fresh state; metrics.jsonl loses rows past it.
 Each step appends {"step", the step's metrics, "lr", "step_time_s", "tokens_per_s"} every
-`log_every` steps, plus "val_loss" every `val_every` steps and at the end. SIGTERM finishes
-the step, saves and returns (`interrupted`). A non-finite loss raises `TrainingStopped`
-naming the step; the last good checkpoint stays. At the end: loss.png.
+`log_every` steps, plus "val_loss" every `val_every` steps and at the end. The same rows go
+to a TensorBoard event file beside metrics.jsonl (`ScalarEvents`, process 0), flushed at each
+checkpoint and at the end; each run writes a new file that hides the older files' steps past
+its start, as metrics.jsonl drops its rows. SIGTERM finishes the step, saves and returns
+(`interrupted`). A non-finite loss raises `TrainingStopped` naming the step; the last good
+checkpoint stays. At the end: loss.png.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.summary import scalar
 from tqdm import tqdm
 
 from dihal_jax import reports
@@ -42,6 +48,33 @@ class Cadence:
   val_every: int
   checkpoint_every: int
   max_to_keep: int
+
+
+class ScalarEvents:
+  """A TensorBoard event file of scalars in `directory`, written synchronously (tensorboardX's
+  record writer, not `SummaryWriter`'s queue thread): what `flush` returns after is on disk.
+
+  TensorBoard reads a directory's event files in name order; the SessionLog START written
+  first hides the older files' events at steps >= `first_step`.
+  """
+
+  def __init__(self, directory: Path, first_step: int):
+    self._writer = EventsWriter(str(directory / "events"))
+    self._writer.write_event(Event(wall_time=time.time(), step=first_step,
+                                   session_log=SessionLog(status=SessionLog.START)))
+
+  def add(self, row: dict) -> None:
+    """Each field of a metrics.jsonl row but "step", a scalar tagged with its name."""
+    for name, value in row.items():
+      if name != "step":
+        self._writer.write_event(Event(wall_time=time.time(), step=row["step"],
+                                       summary=scalar(name, value)))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 @dataclasses.dataclass
@@ -77,6 +110,7 @@ def run_loop(state: TrainState, *, workdir: Path, batches: Iterator,
     print(f"resumed from step {start}")
   metrics_path = workdir / "metrics.jsonl"
   reports.trim_metrics(metrics_path, start)
+  events = ScalarEvents(workdir, start + 1) if jax.process_index() == 0 else None
   stop = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
   done, last = start, cadence.steps
@@ -101,15 +135,21 @@ def run_loop(state: TrainState, *, workdir: Path, batches: Iterator,
         if done % cadence.log_every == 0 or "val_loss" in row or done == last:
           log.write(json.dumps(row) + "\n")
           log.flush()
+          if events is not None:
+            events.add(row)
           bar.set_postfix(loss=f"{loss:.4f}")
-        checkpointer.save(done, state.checkpoint_items(), batches, extra,
-                          force=stop["sigterm"] or done == last)
+        saved = checkpointer.save(done, state.checkpoint_items(), batches, extra,
+                                  force=stop["sigterm"] or done == last)
+        if saved and events is not None:
+          events.flush()
         if stop["sigterm"]:
           print(f"SIGTERM: saved step {done}, exiting")
           break
   finally:
     signal.signal(signal.SIGTERM, previous)
     checkpointer.close()
+    if events is not None:
+      events.close()
   rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
   reports.plot_loss(rows, workdir / "loss.png")
   return LoopResult(state, start, done, rows, stop["sigterm"])
