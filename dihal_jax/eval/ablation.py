@@ -41,7 +41,8 @@ from dihal_jax.bridge.train import interface_layer, run_train
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
-from dihal_jax.eval.evaluate import bridge_diagnostics, evaluation_sets
+from dihal_jax.eval.diagnostics import bridge_diagnostics
+from dihal_jax.eval.evaluate import evaluation_sets
 from dihal_jax.eval.judges import Judges
 from dihal_jax.hybrid.bridge_sampler import load_bridge
 from dihal_jax.hybrid.readout import Readout

@@ -44,6 +44,7 @@ Writes workdir/report.json ({"results": {METHOD: metrics} for the first set,
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -55,39 +56,54 @@ from tqdm import tqdm
 
 from dihal_jax import reports
 from dihal_jax.backbone import checkpoint
-from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.train import interface_layer, run_train
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
 from dihal_jax.eval.calibration import CountSampler
+from dihal_jax.eval.diagnostics import bridge_diagnostics
 from dihal_jax.eval.judges import Judges
-from dihal_jax.eval.rows import CALIBRATION_ROWS, L0_ROWS, RowGenerators
-from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
-from dihal_jax.hybrid.readout import MODES, Readout, nearest_embedding
+from dihal_jax.eval.rows import ROWS, RowGenerators
+from dihal_jax.hybrid.bridge_sampler import load_bridge
+from dihal_jax.hybrid.readout import Readout, nearest_embedding
 from dihal_jax.hybrid.sample import current_token_head, readout_config
 from dihal_jax.mdm import sampler as mdm_sampler
-from dihal_jax.mdm.train import TrainedMDM, load_mdm, run_mdm
+from dihal_jax.mdm.train import load_mdm, run_mdm
 from dihal_jax.overrides import overridden
 from dihal_jax.parallel.sharding import mesh_and_rules
 
-REFERENCE_ROWS = ("real_text", "oracle", "oracle_lm_head", "ar_backbone") + CALIBRATION_ROWS
-METHODS = (REFERENCE_ROWS + ("dihal",) + tuple(f"dihal_{m}" for m in MODES) + L0_ROWS
-           + ("mdm",))
-TASKS = ("unconditional", "continuation")  # key streams: fold_in(seed key, task index)
-# The other key streams of the seed key, apart from the tasks' 0 and 1 (values fixed so that
-# committed results stay reproducible): the oracle rows' readout draws, and the bridge
-# diagnostics (whose key then folds in i for the noise, 100 + i for the sampler, at noise
-# level i).
-ORACLE_STREAM = 7
-DIAGNOSTICS_STREAM = 1000
+ORACLE_ROWS = ("oracle", "oracle_lm_head")
+WINDOW_ROWS = ("real_text",) + ORACLE_ROWS  # read off held-out windows, not generated
+METHODS = WINDOW_ROWS + tuple(ROWS)
+REFERENCE_ROWS = WINDOW_ROWS + tuple(m for m, row in ROWS.items() if row.reference)
 SET_NAMES = {"test": "Austen test", "ood": "Moby Dick (OOD)"}
+
+# The streams folded into the seed key; the values are fixed so that committed results
+# stay reproducible.
+TASK_STREAMS = {"unconditional": 0, "continuation": 1}  # then the row's stream, then the seed
+ORACLE_STREAM = 7  # the oracle rows' readout draws (the same in every set)
+DIAGNOSTICS_STREAM = 1000  # the bridge diagnostics' noise and sampler (eval/diagnostics.py)
 
 
 def default_methods(readout: str) -> list[str]:
   """Every row once: `dihal` is the default readout, so `dihal_<readout>` would repeat it
   (and `oracle_lm_head` would repeat `oracle` when the default readout is lm_head)."""
   return [m for m in METHODS if m not in (f"dihal_{readout}", f"oracle_{readout}")]
+
+
+def chosen_methods(config: ml_collections.ConfigDict) -> list[str]:
+  """eval.methods (empty: default_methods), checked before anything loads."""
+  e = config.eval
+  methods = ([m.strip() for m in e.methods.split(",") if m.strip()] if e.methods
+             else default_methods(config.sample.readout))
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise UserInputError(f"eval.methods: unknown {unknown}; known: {', '.join(METHODS)}")
+  n = config.sample.length or config.data.window
+  if n != config.data.window:
+    raise UserInputError(f"sample.length={n}: eval compares with real windows of "
+                         f"data.window={config.data.window}; use the same length")
+  return methods
 
 
 class TrueStates:
@@ -115,39 +131,11 @@ def oracle_tokens(reader: Readout, real_h: np.ndarray, key, cfg, mode: str, head
   return np.concatenate(rows)
 
 
-def _l0_bridge(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> TrainedBridge:
-  """The l = 0 bridge of the same protocol, trained into workdir/l0 if needed."""
-  run_train(overridden(config, {"bridge.layer": "0"}), workdir / "l0", progress=progress)
-  return load_bridge(workdir / "l0", mesh_and_rules(config)[0], kind=config.bridge.denoiser)
-
-
-def _mdm(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> TrainedMDM:
-  """The masked diffusion model (`dihal mdm`'s protocol), trained into workdir/mdm if needed."""
-  run_mdm(config, workdir / "mdm", progress=progress)
-  return load_mdm(config, workdir / "mdm")
-
-
-def bridge_diagnostics(bridge: TrainedBridge, real_tokens: np.ndarray, real_h: np.ndarray,
-                        decode, noise_levels, key) -> dict:
-  """Spread reference, val x0-MSE and token recovery at each t (normalized space, position 0
-  known)."""
-  z = bridge.norm.forward(jnp.asarray(real_h))
-  b, n, _ = z.shape
-  known = jnp.zeros((b, n), bool).at[:, 0].set(True)
-  out = {}
-  for i, t in enumerate(noise_levels):
-    noise = jax.random.normal(jax.random.fold_in(key, i), z.shape)
-    tv = jnp.full((b,), t, jnp.float32)
-    z_t = diffusion.q_sample(z, tv, noise, bridge.diffusion.schedule)
-    x0 = bridge.denoise_x0(z_t, tv, known, z)
-    out[f"val_mse_t{t:g}"] = float(jnp.mean(jnp.square(x0[:, 1:] - z[:, 1:])))
-    h = bridge.sample(jax.random.fold_in(key, 100 + i), jnp.asarray(real_h), known, x_start=z_t,
-                      t_start=float(t))
-    out[f"recovery_t{t:g}"] = metrics.token_accuracy(np.asarray(decode(h))[:, 1:],
-                                                     real_tokens[:, 1:])
-  out["val_mse"] = out[f"val_mse_t{noise_levels[len(noise_levels) // 2]:g}"]
-  out["layer"] = bridge.layer
-  return out
+def oracle_mode(readout: str, head) -> str:
+  """The `oracle` row's readout: the default one, `refine` read as lm_head, and lm_head for
+  identity / joint without a trained bridge's current-token head."""
+  mode = readout if readout != "refine" else "lm_head"
+  return "lm_head" if mode in ("identity", "joint") and head is None else mode
 
 
 def evaluation_sets(data: Data, num: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -167,163 +155,250 @@ def evaluation_sets(data: Data, num: int) -> dict[str, tuple[np.ndarray, np.ndar
   return sets
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
-             progress: bool = True) -> dict:
-  workdir = Path(workdir)
-  e = config.eval
-  t0 = time.perf_counter()
-  methods = ([m.strip() for m in e.methods.split(",") if m.strip()] if e.methods
-             else default_methods(config.sample.readout))
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    raise UserInputError(f"eval.methods: unknown {unknown}; known: {', '.join(METHODS)}")
-  n = config.sample.length or config.data.window
-  if n != config.data.window:
-    raise UserInputError(f"sample.length={n}: eval compares with real windows of "
-                         f"data.window={config.data.window}; use the same length")
+def _load_main(gens: RowGenerators, config, workdir: Path, separator: int, progress: bool):
+  """The bridge at l* (`dihal train`'s), its readout and its current-token head."""
+  gens.bridges["main"] = load_bridge(workdir, mesh_and_rules(config)[0],
+                                     kind=config.bridge.denoiser)
+  gens.readers["main"] = Readout(gens.backbone, gens.bridges["main"].layer, separator)
+  gens.head = current_token_head(gens.bridges["main"], gens.backbone.cfg.vocab_size)
+
+
+def _load_l0(gens: RowGenerators, config, workdir: Path, separator: int, progress: bool):
+  """The l = 0 bridge of the same protocol, trained into workdir/l0 if needed."""
+  run_train(overridden(config, {"bridge.layer": "0"}), workdir / "l0", progress=progress)
+  gens.bridges["l0"] = load_bridge(workdir / "l0", mesh_and_rules(config)[0],
+                                   kind=config.bridge.denoiser)
+  gens.readers["l0"] = Readout(gens.backbone, 0, separator)
+
+
+def _load_mdm(gens: RowGenerators, config, workdir: Path, separator: int, progress: bool):
+  """The masked diffusion model (`dihal mdm`'s protocol), trained into workdir/mdm if needed."""
+  s = config.sample
+  mdm_sampler.check(s.mdm_steps, s.unmask, s.mdm_block, config.data.window)
+  run_mdm(config, workdir / "mdm", progress=progress)
+  gens.mdm = load_mdm(config, workdir / "mdm")
+  gens.unmask, gens.mdm_block, gens.mdm_steps = s.unmask, s.mdm_block, s.mdm_steps
+
+
+MODEL_LOADERS = {"main": _load_main, "l0": _load_l0, "mdm": _load_mdm}  # Row.model -> loader
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every step of one eval reads: the chosen rows, the data, the judges, the models."""
+  config: ml_collections.ConfigDict
+  methods: list[str]
+  data: Data
+  sets: dict  # evaluation_sets
+  train: np.ndarray  # the train split's windows
+  judges: Judges
+  gens: RowGenerators
+  key: jax.Array  # the seed key
+  oracle_mode: str
+
+  @property
+  def generated(self) -> list[str]:
+    return [m for m in self.methods if m in ROWS]
+
+  @property
+  def seeds(self) -> int:
+    return self.config.eval.seeds
+
+  @property
+  def prefix(self) -> int:
+    return self.config.eval.prefix
+
+
+def load(config: ml_collections.ConfigDict, workdir: Path, methods: list[str],
+         progress: bool) -> Setup:
+  """Data, evaluation sets, backbone and judges, then the models the rows sample (trained
+  into the workdir first where missing)."""
   data = Data.from_config(config, workdir)
-  num, batch, seeds = e.num, config.sample.batch, e.seeds
-  sets = evaluation_sets(data, num)
+  sets = evaluation_sets(data, config.eval.num)
   backbone = checkpoint.load_backbone(config, checkpoint.checkpoint_dir(config, workdir))
   train = data.first_windows("train")
-  judges = Judges.build(backbone, data.tokenizer, train, order=e.ngram_order,
-                        encoder=e.encoder, cache=cache_root(config), batch=batch,
-                        seed=config.seed)
-  key = jax.random.key(config.seed)
-  cfg = readout_config(config)
-
-  needs_main = any(m.startswith("dihal") and m not in L0_ROWS for m in methods)
-  needs_l0 = any(m in L0_ROWS for m in methods)
-  gens = RowGenerators(backbone, CountSampler.fit(train, backbone.cfg.vocab_size), cfg,
-                       config.sample.readout, batch)
-  if needs_main:
-    gens.main = load_bridge(workdir, mesh_and_rules(config)[0],
-                            kind=config.bridge.denoiser)
-    gens.readers["main"] = Readout(backbone, gens.main.layer, data.separator)
-    gens.head = current_token_head(gens.main, backbone.cfg.vocab_size)
-  if needs_l0:
-    gens.l0 = _l0_bridge(config, workdir, progress)
-    gens.readers["l0"] = Readout(backbone, 0, data.separator)
-  if "mdm" in methods:
-    s = config.sample
-    mdm_sampler.check(s.mdm_steps, s.unmask, s.mdm_block, n)
-    gens.mdm = _mdm(config, workdir, progress)
-    gens.unmask, gens.mdm_block, gens.mdm_steps = s.unmask, s.mdm_block, s.mdm_steps
-  oracle_mode = config.sample.readout if config.sample.readout != "refine" else "lm_head"
-  if oracle_mode in ("identity", "joint") and gens.head is None:
-    oracle_mode = "lm_head"  # the current-token head comes with a trained bridge
-  if any(m.startswith("oracle") for m in methods) and "main" not in gens.readers:
+  judges = Judges.build(backbone, data.tokenizer, train, order=config.eval.ngram_order,
+                        encoder=config.eval.encoder, cache=cache_root(config),
+                        batch=config.sample.batch, seed=config.seed)
+  gens = RowGenerators(backbone, CountSampler.fit(train, backbone.cfg.vocab_size),
+                       readout_config(config), config.sample.readout, config.sample.batch)
+  models = {ROWS[m].model for m in methods if m in ROWS}
+  for model, load_model in MODEL_LOADERS.items():
+    if model in models:
+      load_model(gens, config, workdir, data.separator, progress)
+  if any(m in ORACLE_ROWS for m in methods) and "main" not in gens.readers:
     gens.readers["main"] = Readout(backbone, interface_layer(config, workdir), data.separator)
+  return Setup(config, methods, data, sets, train, judges, gens, jax.random.key(config.seed),
+               oracle_mode(config.sample.readout, gens.head))
 
-  generated = [m for m in methods if m not in ("real_text", "oracle", "oracle_lm_head")]
-  prefix = e.prefix
-  test_real, test_reference = sets["test"]
-  tasks = {"unconditional": (np.full((num, n), data.separator, np.int32), 1)}
-  if prefix:
-    given = test_real.copy()
-    given[:, prefix:] = data.separator
-    tasks["continuation"] = (given, prefix)
+
+def task_inputs(s: Setup) -> dict[str, tuple[np.ndarray, int]]:
+  """{task: (given windows [num, n], known positions)}: the separator alone, and with
+  eval.prefix the first eval.prefix tokens of the test set's real windows."""
+  num, n, separator = s.config.eval.num, s.config.data.window, s.data.separator
+  tasks = {"unconditional": (np.full((num, n), separator, np.int32), 1)}
+  if s.prefix:
+    given = s.sets["test"][0].copy()
+    given[:, s.prefix:] = separator
+    tasks["continuation"] = (given, s.prefix)
+  return tasks
+
+
+def sampling_key(key: jax.Array, task: str, method: str, seed: int) -> jax.Array:
+  """The key of one task's samples of one row at one sampling seed."""
+  task_key = jax.random.fold_in(key, TASK_STREAMS[task])
+  return jax.random.fold_in(jax.random.fold_in(task_key, ROWS[method].stream), seed)
+
+
+def sample_rows(s: Setup, progress: bool) -> tuple[dict, dict]:
+  """({task: {method: tokens [seeds x num, n]}}, {method: the bridge's states of its first
+  unconditional seed}) for every generated row."""
+  tasks = task_inputs(s)
   samples, states = {task: {} for task in tasks}, {}
-  bar = tqdm(total=len(generated) * len(tasks) * seeds, desc="eval: sampling",
+  bar = tqdm(total=len(s.generated) * len(tasks) * s.seeds, desc="eval: sampling",
              disable=not progress)
   for task, (given, start) in tasks.items():
-    for method in generated:
-      k = jax.random.fold_in(jax.random.fold_in(key, TASKS.index(task)), METHODS.index(method))
+    for method in s.generated:
       parts = []
-      for s in range(seeds):
-        tokens, h = gens(method, jax.random.fold_in(k, s), given, start)
+      for seed in range(s.seeds):
+        tokens, h = s.gens(method, sampling_key(s.key, task, method, seed), given, start)
         parts.append(tokens)
-        if task == "unconditional" and s == 0 and h is not None:
+        if task == "unconditional" and seed == 0 and h is not None:
           states[method] = h
         bar.update()
       samples[task][method] = np.concatenate(parts)
   bar.close()
+  return samples, states
 
+
+def ar_share(s: Setup, method: str) -> dict:
+  """{"ar_share": 1 / block} for a blockwise row (each block's first token is the backbone's
+  own draw), else {}."""
+  mode = s.oracle_mode if method == "oracle" else s.gens.mode(method)
+  return {"ar_share": 1.0 / s.gens.readout.block} if mode == "blockwise" else {}
+
+
+def window_rows(s: Setup, real: np.ndarray, real_h: dict) -> dict[str, np.ndarray]:
+  """{method: tokens} of the chosen rows read off one set's held-out windows."""
+  tokens = {}
+  for method in (m for m in s.methods if m in WINDOW_ROWS):
+    mode = s.oracle_mode if method == "oracle" else "lm_head"
+    tokens[method] = real if method == "real_text" else oracle_tokens(
+        s.gens.readers["main"], real_h["main"], jax.random.fold_in(s.key, ORACLE_STREAM),
+        s.gens.readout, mode, s.gens.head, s.gens.batch)
+  return tokens
+
+
+def bridge_columns(s: Setup, method: str, states: np.ndarray, real: np.ndarray,
+                   real_h: dict, diagnostics: dict) -> dict:
+  """A bridge row's spread ratio and its bridge's diagnostics (computed once per set and
+  bridge into `diagnostics`)."""
+  model = ROWS[method].model
+  bridge = s.gens.bridges[model]
+  if model not in diagnostics:
+    decode = ((lambda h: nearest_embedding(h, s.gens.backbone.embed[...])) if model == "l0"
+              else s.gens.head)
+    diagnostics[model] = bridge_diagnostics(
+        bridge, real, real_h[model], decode, tuple(s.config.eval.noise_levels),
+        jax.random.fold_in(s.key, DIAGNOSTICS_STREAM))
+  gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states)))[:, 1:]
+  real_z = np.asarray(bridge.norm.forward(jnp.asarray(real_h[model])))[:, 1:]
+  return {"spread_ratio": metrics.spread_ratio(gen_z, real_z), **diagnostics[model]}
+
+
+def set_rows(s: Setup, set_name: str, judged: dict, samples: dict, states: dict,
+             progress: bool) -> tuple[dict, dict]:
+  """({method: metrics} against one evaluation set, {method: tokens} of its window rows).
+  Generated rows reuse their set-independent judges (`judged`) and add MAUVE."""
+  real, reference = s.sets[set_name]
+  reference_features = s.judges.features(reference)
+  real_h = {model: np.asarray(r.lower(real)) for model, r in s.gens.readers.items()}
+  windows = window_rows(s, real, real_h)
+  rows, diagnostics = {}, {}
+  for method in tqdm(s.methods, desc=f"eval: judges ({set_name})", disable=not progress):
+    if method in windows:
+      row = s.judges.score(windows[method], reference=reference_features)
+    else:
+      row = {**judged[method],
+             **s.judges.mauve(samples["unconditional"][method], reference_features)}
+    if method in states:
+      row.update(bridge_columns(s, method, states[method], real, real_h, diagnostics))
+    rows[method] = {**row, **ar_share(s, method)}
+  return rows, windows
+
+
+def continuation_rows(s: Setup, samples: dict, progress: bool) -> dict:
+  """{method: metrics} of the continuation task, judged from the prefix on against the true
+  continuations; `real_text` is the true continuations of other test windows."""
+  test_real, test_reference = s.sets["test"]
+  truth = s.judges.features(test_real, s.prefix)
+  methods = (["real_text"] if "real_text" in s.methods else []) + s.generated
+  rows = {}
+  for method in tqdm(methods, desc="eval: judges (continuation)", disable=not progress):
+    tokens, draws = ((test_reference, 1) if method == "real_text"
+                     else (samples["continuation"][method], s.seeds))
+    row = s.judges.score(tokens, start=s.prefix, reference=truth, seeds=draws)
+    row["first_token_repeat"] = float(np.mean(tokens[:, s.prefix] == tokens[:, s.prefix - 1]))
+    rows[method] = {**row, **ar_share(s, method)}
+  return rows
+
+
+def sample_texts(s: Setup, samples: dict, test_windows: dict) -> tuple[dict, dict]:
+  """The first eval.show samples of each row as text, and of each continuation its prefix and
+  continuation."""
+  decode, show, prefix = s.data.tokenizer.decode, s.config.eval.show, s.prefix
+  shown = {**{m: samples["unconditional"][m] for m in s.generated}, **test_windows}
+  text = {m: [decode(r[1:].tolist()) for r in rows[:show]] for m, rows in shown.items()}
+  continued = {m: [{"prefix": decode(r[1:prefix].tolist()),
+                    "continuation": decode(r[prefix:].tolist())}
+                   for r in samples["continuation"][m][:show]]
+               for m in s.generated} if prefix else {}
+  return text, continued
+
+
+def assemble_report(s: Setup, results: dict, continuation: dict, texts: tuple[dict, dict],
+                    total_s: float) -> dict:
+  """report.json's contents: the rows, and what they were judged and sampled with."""
+  e, gens = s.config.eval, s.gens
+  main, l0, mdm = gens.bridges.get("main"), gens.bridges.get("l0"), gens.mdm
+  return {
+      "results": next(iter(results.values())), "sets": results, "continuation": continuation,
+      "samples": texts[0], "continuation_samples": texts[1],
+      "methods": s.methods, "num": e.num, "seeds": s.seeds, "length": s.config.data.window,
+      "prefix": s.prefix,
+      "judges": {
+          "gen_ppl": "the backbone itself (self-judged: the hybrid reads out with it)",
+          "ngram": {"order": s.judges.ngram.order, "discounts": s.judges.ngram.discounts,
+                    "train_windows": int(len(s.train))},
+          "mauve": {"encoder": e.encoder, "samples": e.num * s.seeds, "reference": e.num},
+          "ci": "95% bootstrap over samples (BCa for perplexities; entropy: "
+                "estimate ± z·bootstrap SE)"},
+      "bridge": {"layer": main.layer if main else None, "step": main.step if main else None,
+                 "l0_step": l0.step if l0 else None},
+      "mdm": ({"step": mdm.step, "mask_id": mdm.mask_id, "shift": mdm.shift,
+               "unmask": gens.unmask, "steps": gens.mdm_steps, "block": gens.mdm_block}
+              if mdm else None),
+      "readout": dict(mode=s.config.sample.readout, oracle_mode=s.oracle_mode,
+                      **gens.readout.__dict__),
+      "timings": {"total_s": total_s}}
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
+             progress: bool = True) -> dict:
+  """Loads what the chosen rows need, samples every generated row once per task, judges
+  each row against every evaluation set and the continuations; writes report.md, eval.png."""
+  workdir, t0 = Path(workdir), time.perf_counter()
+  s = load(config, workdir, chosen_methods(config), progress)
+  samples, states = sample_rows(s, progress)
   # A generated row is the same samples in every set: all but MAUVE is judged once.
-  judged = {m: judges.score(samples["unconditional"][m], seeds=seeds) for m in generated}
-  results, diagnostics, oracle_text = {}, {}, {}
-  for set_name, (real, reference) in sets.items():
-    reference_features = judges.features(reference)
-    real_h = {name: np.asarray(r.lower(real)) for name, r in gens.readers.items()}
-    rows = {}
-    for method in tqdm(methods, desc=f"eval: judges ({set_name})", disable=not progress):
-      if method in judged:
-        row = {**judged[method],
-               **judges.mauve(samples["unconditional"][method], reference_features)}
-      else:
-        tokens = real
-        if method.startswith("oracle"):
-          mode = oracle_mode if method == "oracle" else "lm_head"
-          tokens = oracle_tokens(gens.readers["main"], real_h["main"],
-                                 jax.random.fold_in(key, ORACLE_STREAM), cfg, mode, gens.head,
-                                 batch)
-          if set_name == "test":
-            oracle_text[method] = tokens
-        row = judges.score(tokens, reference=reference_features)
-      if method == "oracle" and oracle_mode == "blockwise":
-        row["ar_share"] = 1.0 / cfg.block
-      if method in states:
-        which = "l0" if method in L0_ROWS else "main"
-        bridge = gens.l0 if which == "l0" else gens.main
-        if (which, set_name) not in diagnostics:
-          decode = ((lambda h: nearest_embedding(h, backbone.embed[...])) if which == "l0"
-                    else gens.head)
-          diagnostics[which, set_name] = bridge_diagnostics(
-              bridge, real, real_h[which], decode, tuple(e.noise_levels),
-              jax.random.fold_in(key, DIAGNOSTICS_STREAM))
-        gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states[method])))[:, 1:]
-        real_z = np.asarray(bridge.norm.forward(jnp.asarray(real_h[which])))[:, 1:]
-        row["spread_ratio"] = metrics.spread_ratio(gen_z, real_z)
-        row.update(diagnostics[which, set_name])
-        if gens.mode(method) == "blockwise":  # block-initial tokens are the backbone's draws
-          row["ar_share"] = 1.0 / cfg.block
-      rows[method] = row
-    results[set_name] = rows
-
-  continuation = {}
-  if prefix:
-    truth = judges.features(test_real, prefix)
-    for method in tqdm(["real_text"] + generated if "real_text" in methods else generated,
-                       desc="eval: judges (continuation)", disable=not progress):
-      tokens, draws = ((test_reference, 1) if method == "real_text"
-                       else (samples["continuation"][method], seeds))
-      row = judges.score(tokens, start=prefix, reference=truth, seeds=draws)
-      row["first_token_repeat"] = float(np.mean(tokens[:, prefix] == tokens[:, prefix - 1]))
-      if gens.mode(method) == "blockwise":
-        row["ar_share"] = 1.0 / cfg.block
-      continuation[method] = row
-
-  tokenizer = data.tokenizer
-  shown = {m: samples["unconditional"][m] for m in generated}
-  if "real_text" in methods:
-    shown["real_text"] = test_real
-  shown.update(oracle_text)
-  text = {m: [tokenizer.decode(r[1:].tolist()) for r in rows[:e.show]] for m, rows in shown.items()}
-  continued = {m: [{"prefix": tokenizer.decode(r[1:prefix].tolist()),
-                    "continuation": tokenizer.decode(r[prefix:].tolist())}
-                   for r in (samples["continuation"][m][:e.show])]
-               for m in generated} if prefix else {}
-  first_set = next(iter(results))
-  report = {"results": results[first_set], "sets": results, "continuation": continuation,
-            "samples": text, "continuation_samples": continued,
-            "methods": methods, "num": num, "seeds": seeds, "length": n, "prefix": prefix,
-            "judges": {
-                "gen_ppl": "the backbone itself (self-judged: the hybrid reads out with it)",
-                "ngram": {"order": judges.ngram.order, "discounts": judges.ngram.discounts,
-                          "train_windows": int(len(train))},
-                "mauve": {"encoder": e.encoder, "samples": num * seeds, "reference": num},
-                "ci": "95% bootstrap over samples (BCa for perplexities; entropy: "
-                      "estimate ± z·bootstrap SE)"},
-            "bridge": {"layer": gens.main.layer if gens.main else None,
-                       "step": gens.main.step if gens.main else None,
-                       "l0_step": gens.l0.step if gens.l0 else None},
-            "mdm": ({"step": gens.mdm.step, "mask_id": gens.mdm.mask_id,
-                     "shift": gens.mdm.shift, "unmask": gens.unmask,
-                     "steps": gens.mdm_steps,
-                     "block": gens.mdm_block} if gens.mdm else None),
-            "readout": dict(mode=config.sample.readout, oracle_mode=oracle_mode,
-                            **cfg.__dict__),
-            "timings": {"total_s": time.perf_counter() - t0}}
+  judged = {m: s.judges.score(samples["unconditional"][m], seeds=s.seeds) for m in s.generated}
+  results, windows = {}, {}
+  for set_name in s.sets:
+    results[set_name], windows[set_name] = set_rows(s, set_name, judged, samples, states,
+                                                    progress)
+  continuation = continuation_rows(s, samples, progress) if s.prefix else {}
+  texts = sample_texts(s, samples, windows["test"])
+  report = assemble_report(s, results, continuation, texts, time.perf_counter() - t0)
   reports.write_text(workdir / "report.md", summary(report) + "\n")
   plot(report, workdir / "eval.png")
   return report

@@ -1,10 +1,12 @@
-"""The generators behind `dihal eval`'s rows: each fills the unknown positions of windows.
+"""The generated rows of `dihal eval`: each row's name and how its tokens are made.
 
-One call shape for every generator: `given` [N, n] tokens whose first `prefix`
-positions are known (1 = the separator only: unconditional generation; 32 = a
-prefix continuation); the rest is generated. Returns (tokens [N, n], the bridge's
-first sample of h_l [N, n, d] or None).
+One call shape for every row: `given` [N, n] tokens whose first `prefix` positions are
+known (1 = the separator only: unconditional generation; 32 = a prefix continuation);
+the rest is generated. Returns (tokens [N, n], the bridge's first sample of h_l
+[N, n, d] or None).
 
+ROWS is the table (row name -> Row); a new row is one entry, plus a loader in
+eval/evaluate.py's MODEL_LOADERS when it samples a model eval does not load yet.
   ar_backbone          the backbone's own ancestral samples (temperature 1).
   unigram_sampler      independent draws from the train split's token frequencies.
   bigram_sampler       draws from the train split's successors of the previous token.
@@ -15,11 +17,13 @@ first sample of h_l [N, n, d] or None).
                        (Diffusion-LM style), no transformer.
   mdm                  the backbone post-trained into a masked diffusion model (`dihal mdm`),
                        sample.mdm_steps reveal steps (sample.unmask, sample.mdm_block).
+Batched generators give each batch the row's key folded with the batch's first row index.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,76 +31,144 @@ import numpy as np
 
 from dihal_jax.backbone.generate import generate
 from dihal_jax.backbone.model import Decoder
-from dihal_jax.eval.calibration import CountSampler
-from dihal_jax.hybrid.bridge_sampler import TrainedBridge
 from dihal_jax.bridge.token_head import ClassMeanHead
+from dihal_jax.eval.calibration import CountSampler
 from dihal_jax.hybrid.readout import ReadoutConfig, nearest_embedding
 from dihal_jax.mdm import sampler as mdm_sampler
 from dihal_jax.mdm.train import TrainedMDM
 
-CALIBRATION_ROWS = ("unigram_sampler", "bigram_sampler")
-L0_ROWS = ("dihal_l0", "embedding_rounding")
+BRIDGES = ("main", "l0")  # the bridge models: at l* and at l = 0
 
 
 @dataclasses.dataclass
 class RowGenerators:
+  """The models and settings the rows sample with; `gens(method, key, given, prefix)`."""
   backbone: Decoder
   counts: CountSampler
   readout: ReadoutConfig
   default_mode: str  # sample.readout
   batch: int
-  main: TrainedBridge | None = None  # the bridge at l*
-  l0: TrainedBridge | None = None  # the bridge at l = 0
-  head: ClassMeanHead | None = None  # the current-token head (identity / joint readouts)
+  bridges: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> TrainedBridge
   readers: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> Readout
+  head: ClassMeanHead | None = None  # the current-token head (identity / joint readouts)
   mdm: TrainedMDM | None = None  # the masked diffusion model
   unmask: str = "confidence"  # its sampler's order (sample.unmask)
   mdm_block: int = 0  # its semi-AR block (sample.mdm_block)
   mdm_steps: int = 32  # its reveal steps (sample.mdm_steps)
 
   def mode(self, method: str) -> str | None:
-    """The readout mode of a bridge row (None for the rows without a bridge)."""
-    if method == "embedding_rounding":
-      return "nearest_embedding"
-    if not method.startswith("dihal"):
-      return None
-    return self.default_mode if method in ("dihal", "dihal_l0") else method[len("dihal_"):]
+    """The readout mode of a bridge row (None for every other row)."""
+    row = ROWS.get(method)
+    return (row.mode or self.default_mode) if row and row.model in BRIDGES else None
 
   def __call__(self, method: str, key: jax.Array, given: np.ndarray,
                prefix: int) -> tuple[np.ndarray, np.ndarray | None]:
-    given = np.asarray(given, np.int32)
-    num, n = given.shape
-    if method == "ar_backbone":
-      start = jnp.asarray(given[:, :prefix])
-      new = generate(self.backbone, start, max_new_tokens=n - prefix, key=key, temperature=1.0)
-      return np.concatenate([given[:, :prefix], np.asarray(new)], axis=1), None
-    if method == "mdm":
-      known = np.broadcast_to(np.arange(n) < prefix, (num, n))
-      rows = [mdm_sampler.sample(
-          self.mdm.model, given[i:i + self.batch], known[i:i + self.batch],
-          jax.random.fold_in(key, i), mask_id=self.mdm.mask_id, shift=self.mdm.shift,
-          steps=self.mdm_steps, unmask=self.unmask, block=self.mdm_block,
-          temperature=self.readout.temperature, top_p=self.readout.top_p)
-              for i in range(0, num, self.batch)]
-      return np.concatenate(rows), None
-    if method in CALIBRATION_ROWS:
-      rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-      draw = (self.counts.unigram_sample if method == "unigram_sampler"
-              else self.counts.bigram_sample)
-      return draw(rng, given[:, :prefix], n), None
-    bridge, reader = ((self.l0, self.readers["l0"]) if method in L0_ROWS
-                      else (self.main, self.readers["main"]))
-    known = np.broadcast_to(np.arange(n) < prefix, (num, n))
-    rows, states = [], []
-    for i in range(0, num, self.batch):
-      tokens, k = given[i:i + self.batch], jax.random.fold_in(key, i)
-      if method == "embedding_rounding":
-        h = bridge.sample(k, reader.lower(tokens), known[:len(tokens)], steps=self.readout.steps)
-        out = {"tokens": jnp.where(known[:len(tokens)], tokens,
-                                   nearest_embedding(h, self.backbone.embed[...])), "states": h}
-      else:
-        out = reader.fill(bridge, k, tokens, known[:len(tokens)], mode=self.mode(method),
-                          cfg=self.readout, identity_head=self.head)
-      rows.append(np.asarray(out["tokens"]))
+    row = ROWS[method]
+    return row.make(self, row, key, np.asarray(given, np.int32), prefix)
+
+
+Make = Callable[[RowGenerators, "Row", jax.Array, np.ndarray, int],
+                tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """How one generated row makes its tokens."""
+  # Folded into the task's key: the row's own random stream. A fixed number, not the row's
+  # place in the table, so committed results stay reproducible; a new row takes an unused one.
+  stream: int
+  make: Make  # (generators, this row, key, given, prefix) -> (tokens, states or None)
+  model: str | None = None  # the trained model it samples ("main", "l0", "mdm"), if any
+  mode: str | None = None  # a bridge row's readout mode; None = the default (sample.readout)
+  reference: bool = False  # a reference row (what the methods are read against), not a method
+
+
+def _known(given: np.ndarray, prefix: int) -> np.ndarray:
+  """[N, n] True at the given positions."""
+  return np.broadcast_to(np.arange(given.shape[1]) < prefix, given.shape)
+
+
+def _batches(key: jax.Array, num: int, batch: int):
+  """(key, rows) per batch: the key folds in the batch's first row index."""
+  for i in range(0, num, batch):
+    yield jax.random.fold_in(key, i), slice(i, i + batch)
+
+
+def _ancestral(g: RowGenerators, row: Row, key, given, prefix):
+  start = jnp.asarray(given[:, :prefix])
+  new = generate(g.backbone, start, max_new_tokens=given.shape[1] - prefix, key=key,
+                 temperature=1.0)
+  return np.concatenate([given[:, :prefix], np.asarray(new)], axis=1), None
+
+
+def _counted(draw, key, given, prefix):
+  """A calibration sampler's draws, its numpy generator seeded by the key's data."""
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+  return draw(rng, given[:, :prefix], given.shape[1]), None
+
+
+def _unigram(g: RowGenerators, row: Row, key, given, prefix):
+  return _counted(g.counts.unigram_sample, key, given, prefix)
+
+
+def _bigram(g: RowGenerators, row: Row, key, given, prefix):
+  return _counted(g.counts.bigram_sample, key, given, prefix)
+
+
+def _masked_diffusion(g: RowGenerators, row: Row, key, given, prefix):
+  known = _known(given, prefix)
+  return np.concatenate([mdm_sampler.sample(
+      g.mdm.model, given[rows], known[rows], k, mask_id=g.mdm.mask_id, shift=g.mdm.shift,
+      steps=g.mdm_steps, unmask=g.unmask, block=g.mdm_block,
+      temperature=g.readout.temperature, top_p=g.readout.top_p)
+      for k, rows in _batches(key, len(given), g.batch)]), None
+
+
+def _read_out(g: RowGenerators, row: Row, key, tokens, known) -> dict:
+  """One batch of the bridge's states, read out by the row's readout mode."""
+  return g.readers[row.model].fill(g.bridges[row.model], key, tokens, known,
+                                   mode=row.mode or g.default_mode, cfg=g.readout,
+                                   identity_head=g.head)
+
+
+def _round_to_embeddings(g: RowGenerators, row: Row, key, tokens, known) -> dict:
+  """One batch of the bridge's states, each unknown position rounded to its nearest embedding
+  row."""
+  h = g.bridges[row.model].sample(key, g.readers[row.model].lower(tokens), known,
+                                  steps=g.readout.steps)
+  return {"tokens": jnp.where(known, tokens, nearest_embedding(h, g.backbone.embed[...])),
+          "states": h}
+
+
+def _bridge(read_batch) -> Make:
+  """A bridge row: the bridge samples each batch's states, `read_batch` makes its tokens."""
+  def make(g: RowGenerators, row: Row, key, given, prefix):
+    known = _known(given, prefix)
+    tokens, states = [], []
+    for k, rows in _batches(key, len(given), g.batch):
+      out = read_batch(g, row, k, given[rows], known[rows])
+      tokens.append(np.asarray(out["tokens"]))
       states.append(np.asarray(out["states"]))
-    return np.concatenate(rows), np.concatenate(states)
+    return np.concatenate(tokens), np.concatenate(states)
+  return make
+
+
+_read_bridge = _bridge(_read_out)
+_round_bridge = _bridge(_round_to_embeddings)
+
+# Streams 0-2 belong to the rows read off held-out windows (real_text, the oracles), which
+# draw no samples.
+ROWS = {
+    "ar_backbone": Row(3, _ancestral, reference=True),
+    "unigram_sampler": Row(4, _unigram, reference=True),
+    "bigram_sampler": Row(5, _bigram, reference=True),
+    "dihal": Row(6, _read_bridge, model="main"),
+    "dihal_blockwise": Row(7, _read_bridge, model="main", mode="blockwise"),
+    "dihal_lm_head": Row(8, _read_bridge, model="main", mode="lm_head"),
+    "dihal_refine": Row(9, _read_bridge, model="main", mode="refine"),
+    "dihal_identity": Row(10, _read_bridge, model="main", mode="identity"),
+    "dihal_joint": Row(11, _read_bridge, model="main", mode="joint"),
+    "dihal_l0": Row(12, _read_bridge, model="l0"),
+    "embedding_rounding": Row(13, _round_bridge, model="l0", mode="nearest_embedding"),
+    "mdm": Row(14, _masked_diffusion, model="mdm"),
+}
