@@ -26,6 +26,7 @@ SIGTERM during training saves the row's checkpoint and stops the ablation (retur
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from dihal_jax.eval import metrics
 from dihal_jax.eval.diagnostics import bridge_diagnostics
 from dihal_jax.eval.evaluate import evaluation_sets
 from dihal_jax.eval.judges import Judges
-from dihal_jax.hybrid.bridge_sampler import load_bridge
+from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.hybrid.readout import Readout
 from dihal_jax.hybrid.sample import current_token_head, readout_config
 from dihal_jax.overrides import overridden
@@ -64,6 +65,12 @@ T_RANGE = (0.05, 4.0)  # the bisection's bracket
 T_ITERS = 12
 JUDGED = ("gen_ppl", "gen_ppl_ci", "ngram_ppl", "ngram_ppl_ci", "mauve", "entropy", "entropy_ci",
           "distinct_2", "diversity")
+# The streams folded into a row's key (the seed key folded with the row's place among the
+# chosen rows); the values are fixed so that committed results stay reproducible. The
+# sampler's batches fold their first row index into the row's key itself, the oracle's
+# joint reads theirs into the seed key.
+READ_STREAM = 1  # the joint readout's draws, then each batch's number
+DIAGNOSTICS_STREAM = 2  # the bridge diagnostics' noise and sampler (eval/diagnostics.py)
 
 
 def row_config(config: ml_collections.ConfigDict, overrides: dict,
@@ -90,106 +97,179 @@ def matched_temperature(read, target: float) -> tuple[float, np.ndarray, bool]:
   return best[0], best[1], False
 
 
-def _judged(judges: Judges, tokens: np.ndarray, reference: np.ndarray) -> dict:
-  row = judges.score(tokens, reference=reference)
-  return {k: row[k] for k in JUDGED if k in row}
-
-
-def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                 progress: bool = True) -> dict:
-  workdir = Path(workdir)
-  t0 = time.perf_counter()
+def chosen_rows(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """{name: overrides} of ablate.rows (empty: every row)."""
   names = [r.strip() for r in config.ablate.rows.split(",") if r.strip()] or list(ROWS)
   unknown = [r for r in names if r not in ROWS]
   if unknown:
     raise UserInputError(f"--config.ablate.rows: unknown {unknown}; known: {', '.join(ROWS)}")
-  chosen = {name: ROWS[name] for name in names}
-  layer = interface_layer(config, workdir)
+  return {name: ROWS[name] for name in names}
+
+
+def train_rows(config: ml_collections.ConfigDict, workdir: Path, chosen: dict, layer: int,
+               progress: bool) -> tuple[dict, dict | None]:
+  """Trains (or resumes) each row's bridge into workdir/NAME: ({train_NAME_s: seconds},
+  {"interrupted": NAME, "step"} when SIGTERM stopped one, else None)."""
   timings = {}
   for name, overrides in chosen.items():
     tick = time.perf_counter()
     trained = run_train(row_config(config, overrides, layer), workdir / name, progress=progress)
     timings[f"train_{name}_s"] = time.perf_counter() - tick
     if trained["interrupted"]:  # SIGTERM: saved; the same command resumes
-      return {"interrupted": name, "step": trained["steps"]}
+      return timings, {"interrupted": name, "step": trained["steps"]}
+  return timings, None
 
-  e, s = config.eval, config.sample
-  data = Data.from_config(config, workdir)
-  backbone = checkpoint.load_backbone(config, checkpoint.checkpoint_dir(config, workdir))
-  judges = Judges.build(backbone, data.tokenizer, data.first_windows("train"),
-                        order=e.ngram_order, encoder=e.encoder, cache=cache_root(config),
-                        batch=s.batch, seed=config.seed)
-  real, reference_windows = evaluation_sets(data, e.num)["test"]
-  reference = judges.features(reference_windows)
-  reader = Readout(backbone, layer, data.separator)
-  cfg = readout_config(config)
-  key = jax.random.key(config.seed)
-  real_row = _judged(judges, real, reference)
-  target = real_row["entropy"]
-  real_h = np.asarray(reader.lower(real))
+
+@dataclasses.dataclass
+class Bench:
+  """What every row is judged with: the judges, the held-out test windows and their states."""
+  config: ml_collections.ConfigDict
+  data: Data
+  judges: Judges
+  reader: Readout  # at the interface layer
+  real: np.ndarray  # held-out test windows [num, n]
+  reference: np.ndarray  # MAUVE reference features (disjoint test windows)
+  real_h: np.ndarray  # the real windows' h_l [num, n, d]
+  real_row: dict  # real text's judged values
+  key: jax.Array  # the seed key
+
+  @classmethod
+  def load(cls, config: ml_collections.ConfigDict, workdir: Path, layer: int) -> "Bench":
+    e = config.eval
+    data = Data.from_config(config, workdir)
+    backbone = checkpoint.load_backbone(config, checkpoint.checkpoint_dir(config, workdir))
+    judges = Judges.build(backbone, data.tokenizer, data.first_windows("train"),
+                          order=e.ngram_order, encoder=e.encoder, cache=cache_root(config),
+                          batch=config.sample.batch, seed=config.seed)
+    real, reference_windows = evaluation_sets(data, e.num)["test"]
+    reference = judges.features(reference_windows)
+    reader = Readout(backbone, layer, data.separator)
+    return cls(config, data, judges, reader, real, reference, np.asarray(reader.lower(real)),
+               _judged(judges, real, reference), jax.random.key(config.seed))
+
+  @property
+  def batch(self) -> int:
+    return self.config.sample.batch
+
+  def judged(self, tokens: np.ndarray) -> dict:
+    return _judged(self.judges, tokens, self.reference)
+
+
+def _judged(judges: Judges, tokens: np.ndarray, reference: np.ndarray) -> dict:
+  row = judges.score(tokens, reference=reference)
+  return {k: row[k] for k in JUDGED if k in row}
+
+
+def oracle_rows(b: Bench, head) -> dict:
+  """{read: values} of the `joint` and `identity` readouts of the real windows' true states."""
+  truth = {"joint": _joint_tokens(b.reader, b.real_h, head, b.key, readout_config(b.config),
+                                  b.batch),
+           "identity": _with_separator(np.asarray(head(b.real_h)), b.real)}
+  oracle = {}
+  for read, tokens in truth.items():
+    oracle[read] = dict(b.judged(tokens),
+                        token_accuracy=metrics.token_accuracy(tokens[:, 1:], b.real[:, 1:]))
+    oracle[read]["gen_ppl_vs_real"] = oracle[read]["gen_ppl"] / b.real_row["gen_ppl"]
+  return oracle
+
+
+def sampled_states(b: Bench, bridge: TrainedBridge, key) -> tuple[np.ndarray, np.ndarray]:
+  """(template [num, n], the bridge's unconditional states [num, n, d]) at sample.steps."""
+  num, steps = b.config.eval.num, b.config.sample.steps
+  template, known = b.reader.template(num, b.real.shape[1])
+  states = np.concatenate([np.asarray(bridge.sample(
+      jax.random.fold_in(key, j), b.reader.lower(template[j:j + b.batch]),
+      known[j:j + b.batch], steps=steps)) for j in range(0, num, b.batch)])
+  return template, states
+
+
+def entropy_matched_reads(b: Bench, states: np.ndarray, template: np.ndarray, head,
+                          key) -> tuple[dict, np.ndarray]:
+  """({read: values} of `joint_matched`, `joint_untuned` and `identity`, the matched tokens):
+  the joint scores are sorted once and drawn at every temperature of the bisection."""
+  cfg = readout_config(b.config)
+  scores = [b.reader.joint_scores(states[j:j + b.batch], head, cfg.beta)
+            for j in range(0, len(states), b.batch)]
+  read_key = jax.random.fold_in(key, READ_STREAM)
+  read = lambda t: np.concatenate([  # noqa: E731
+      np.asarray(b.reader.draw(sc, jax.random.fold_in(read_key, j), t, cfg.top_p))
+      for j, sc in enumerate(scores)])
+  temperature, matched_tokens, matched = matched_temperature(read, b.real_row["entropy"])
+  reads = {"joint_matched": b.judged(matched_tokens),
+           "joint_untuned": b.judged(read(cfg.temperature)),
+           "identity": b.judged(_with_separator(np.asarray(head(states)), template))}
+  reads["joint_matched"].update(temperature=temperature, entropy_matched=matched)
+  reads["joint_untuned"]["temperature"] = cfg.temperature
+  return reads, matched_tokens
+
+
+def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.ConfigDict,
+              key) -> dict:
+  """One row's report: its protocol, its entropy-matched values (the headline), the spread
+  ratio, the bridge diagnostics, every read and a few samples."""
+  template, states = sampled_states(b, bridge, key)
+  reads, matched_tokens = entropy_matched_reads(b, states, template, head, key)
+  gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states)))[:, 1:]
+  real_z = np.asarray(bridge.norm.forward(jnp.asarray(b.real_h)))[:, 1:]
+  return {
+      "denoiser": bridge.kind, "init": train_cfg.bridge.init,
+      "token_ce": float(train_cfg.train.token_ce), "tolerant_decoder": False,
+      "readout": "joint", "params": bridge.params_count, "steps": bridge.step,
+      "batch_size": train_cfg.train.batch_size, "lr": train_cfg.train.lr,
+      **reads["joint_matched"],
+      "spread_ratio": metrics.spread_ratio(gen_z, real_z),
+      **bridge_diagnostics(bridge, b.real, b.real_h, head, tuple(b.config.eval.noise_levels),
+                           jax.random.fold_in(key, DIAGNOSTICS_STREAM)),
+      "reads": reads,
+      "samples": [b.data.tokenizer.decode(r[1:].tolist())
+                  for r in matched_tokens[:b.config.eval.show]]}
+
+
+def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                 progress: bool = True) -> dict:
+  """Trains every chosen row's bridge, then samples, reads and judges each beside real text
+  and the oracle reads; writes report.md."""
+  workdir, t0 = Path(workdir), time.perf_counter()
+  chosen = chosen_rows(config)
+  layer = interface_layer(config, workdir)
+  timings, interrupted = train_rows(config, workdir, chosen, layer, progress)
+  if interrupted:
+    return interrupted
+  b = Bench.load(config, workdir, layer)
   mesh, _ = mesh_and_rules(config)
-
   rows, head, oracle = {}, None, {}
   for i, (name, overrides) in enumerate(tqdm(chosen.items(), desc="ablate: eval",
                                              disable=not progress)):
     tick = time.perf_counter()
     bridge = load_bridge(workdir / name, mesh)
     if head is None:  # the same layer and normalizer in every row: one head
-      head = current_token_head(bridge, backbone.cfg.vocab_size)
-      truth = {"joint": _joint_tokens(reader, real_h, head, key, cfg, s.batch),
-               "identity": _with_separator(np.asarray(head(real_h)), real)}
-      for read, tokens in truth.items():
-        oracle[read] = dict(_judged(judges, tokens, reference),
-                            token_accuracy=metrics.token_accuracy(tokens[:, 1:], real[:, 1:]))
-        oracle[read]["gen_ppl_vs_real"] = oracle[read]["gen_ppl"] / real_row["gen_ppl"]
-    k = jax.random.fold_in(key, i)
-    template, known = reader.template(e.num, real.shape[1])
-    states = np.concatenate([np.asarray(bridge.sample(jax.random.fold_in(k, j),
-                                                      reader.lower(template[j:j + s.batch]),
-                                                      known[j:j + s.batch], steps=s.steps))
-                             for j in range(0, e.num, s.batch)])
-    gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states)))[:, 1:]
-    real_z = np.asarray(bridge.norm.forward(jnp.asarray(real_h)))[:, 1:]
-    scores = [reader.joint_scores(states[j:j + s.batch], head, cfg.beta)
-              for j in range(0, e.num, s.batch)]  # sorted once, drawn at every temperature
-    read = lambda t: np.concatenate([  # noqa: E731
-        np.asarray(reader.draw(sc, jax.random.fold_in(jax.random.fold_in(k, 1), j), t,
-                               cfg.top_p)) for j, sc in enumerate(scores)])
-    temperature, matched_tokens, matched = matched_temperature(read, target)
-    reads = {"joint_matched": _judged(judges, matched_tokens, reference),
-             "joint_untuned": _judged(judges, read(cfg.temperature), reference),
-             "identity": _judged(judges, _with_separator(np.asarray(head(states)), template),
-                                 reference)}
-    reads["joint_matched"].update(temperature=temperature, entropy_matched=matched)
-    reads["joint_untuned"]["temperature"] = cfg.temperature
-    train_cfg = row_config(config, overrides, layer)
-    rows[name] = {
-        "denoiser": bridge.kind, "init": train_cfg.bridge.init,
-        "token_ce": float(train_cfg.train.token_ce), "tolerant_decoder": False,
-        "readout": "joint", "params": bridge.params_count, "steps": bridge.step,
-        "batch_size": train_cfg.train.batch_size, "lr": train_cfg.train.lr,
-        **{k: v for k, v in reads["joint_matched"].items()},
-        "spread_ratio": metrics.spread_ratio(gen_z, real_z),
-        **bridge_diagnostics(bridge, real, real_h, head, tuple(e.noise_levels),
-                             jax.random.fold_in(k, 2)),
-        "reads": reads,
-        "samples": [data.tokenizer.decode(r[1:].tolist()) for r in matched_tokens[:e.show]],
-        "eval_s": time.perf_counter() - tick}
+      head = current_token_head(bridge, b.judges.backbone.cfg.vocab_size)
+      oracle = oracle_rows(b, head)
+    rows[name] = {**judge_row(b, bridge, head, row_config(config, overrides, layer),
+                              jax.random.fold_in(b.key, i)),
+                  "eval_s": time.perf_counter() - tick}
+  report = assemble_report(config, b, layer, rows, oracle, head,
+                           dict(timings, total_s=time.perf_counter() - t0))
+  reports.write_text(workdir / "report.md", summary(report) + "\n")
+  return report
 
-  winner = _winner(rows, target)
-  report = {
-      "rows": rows, "winner": winner, "real_text": real_row, "oracle": oracle,
-      "layer": layer, "num": e.num, "length": int(real.shape[1]),
+
+def assemble_report(config: ml_collections.ConfigDict, b: Bench, layer: int, rows: dict,
+                    oracle: dict, head, timings: dict) -> dict:
+  """report.json's contents: the rows, the winner and the budget every row shared."""
+  cfg, winner = readout_config(config), _winner(rows, b.real_row["entropy"])
+  return {
+      "rows": rows, "winner": winner, "real_text": b.real_row, "oracle": oracle,
+      "layer": layer, "num": config.eval.num, "length": int(b.real.shape[1]),
       "budget": {"steps": config.train.steps, "batch_size": config.train.batch_size,
                  "cache_windows": config.train.cache_windows, "lr": config.train.lr,
-                 "sampler_steps": s.steps, "sampler": config.bridge.diffusion.sampler,
+                 "sampler_steps": config.sample.steps,
+                 "sampler": config.bridge.diffusion.sampler,
                  "eta": config.bridge.diffusion.eta},
       "readout": {"beta": cfg.beta, "top_p": cfg.top_p, "untuned_temperature": cfg.temperature,
                   "head_temperature": head.temperature, "entropy_tolerance": ENTROPY_TOL},
-      "verdict": _verdict(rows, winner, real_row),
-      "timings": dict(timings, total_s=time.perf_counter() - t0)}
-  reports.write_text(workdir / "report.md", summary(report) + "\n")
-  return report
+      "verdict": _verdict(rows, winner, b.real_row),
+      "timings": timings}
 
 
 def _with_separator(tokens: np.ndarray, given: np.ndarray) -> np.ndarray:
