@@ -13,10 +13,13 @@ Commands:
   train     train the diffusion bridge at bridge.layer (auto = l*), resumable
   mdm       post-train the backbone into a masked diffusion model (config mdm), resumable
   sample    bridge -> upper layers -> text (readout modes, --prompt, --infill) into samples.jsonl;
-            --method=mdm: the masked diffusion model's samples
+            --method=mdm: the masked diffusion model's samples; --method=dglm [--attribute
+            NAME=VALUE]: DGLM's continuations of --prompt, steered toward the attribute
   eval      every method and reference row: gen PPL, diversity, memorization, spread, recovery
   sweep     the fixed bridge protocol at each of --layers; Spearman ρ of score vs val loss
   mechanism the AR backbone vs its MDM (mechanism.mdm): CKA, attention, logit lens, patching
+  dglm      DGLM on labelled books (config dglm): latent diffusion proposes, soft prompts steer
+            the frozen backbone, attribute control measured by an independent judge; resumable
   demo      what exists end to end on the default model (see README)
   plan      --topology=NAME [--out FILE] [--compile]: per-device memory and paper step times
             of the config on a TPU/GPU topology, nothing allocated (no --workdir)
@@ -36,7 +39,7 @@ from dihal_jax.errors import UserInputError
 from dihal_jax.parallel import distributed
 
 COMMANDS = ("convert", "parity", "generate", "data", "locate", "train", "mdm", "sample", "eval",
-            "sweep", "ablate", "mechanism", "demo", "plan")
+            "sweep", "ablate", "mechanism", "dglm", "demo", "plan")
 # `plan --compile` compiles for 8 devices on the host's CPU: the flag must precede JAX's start.
 COMPILE_XLA_FLAG = "--xla_force_host_platform_device_count=8"
 
@@ -57,8 +60,10 @@ flags.DEFINE_integer("steps", None, "sample: bridge sampler steps (config sample
                      flag_values=FLAGS)
 flags.DEFINE_string("readout", None, "sample: blockwise | lm_head | refine | identity | joint "
                     "(config sample.readout).", flag_values=FLAGS)
-flags.DEFINE_string("method", None, "sample: bridge | mdm (config sample.method).",
+flags.DEFINE_string("method", None, "sample: bridge | mdm | dglm (config sample.method).",
                     flag_values=FLAGS)
+flags.DEFINE_string("attribute", None, "sample --method=dglm: NAME=VALUE[+NAME=VALUE] to steer "
+                    "toward (config sample.attribute).", flag_values=FLAGS)
 flags.DEFINE_string("layers", "", "sweep: layers to train, e.g. 0,1,2 or 1-4.",
                     flag_values=FLAGS)
 flags.DEFINE_string("infill", "", "sample: text whose [___] gaps the bridge fills.",
@@ -280,7 +285,9 @@ def _sample(config, workdir):
   prompts = FLAGS.prompt
   if len(prompts) > 1:
     return _fail("sample: give at most one --prompt")
-  run_sample = mdm_generate.run_sample if config.sample.method == "mdm" else sample.run_sample
+  from dihal_jax.dglm import sample as dglm_sample
+  run_sample = {"mdm": mdm_generate.run_sample, "dglm": dglm_sample.run_sample}.get(
+      config.sample.method, sample.run_sample)
   report = run_sample(config, workdir, prompt=prompts[0] if prompts else "",
                       infill=FLAGS.infill)
   for text in report["preview"]:
@@ -323,6 +330,14 @@ def _mechanism(config, workdir):
   return report, True
 
 
+@_stoppable
+def _dglm(config, workdir):
+  from dihal_jax.dglm import run as dglm_run
+  report = dglm_run.run_dglm(config, workdir)
+  print(dglm_run.summary(report))
+  return report, True
+
+
 def _demo(config, workdir):
   from dihal_jax import demo
   report = demo.run_demo(config, workdir)
@@ -331,9 +346,10 @@ def _demo(config, workdir):
 
 HANDLERS = {"convert": _convert, "parity": _parity, "generate": _generate, "data": _data,
             "locate": _locate, "train": _train, "mdm": _mdm, "sample": _sample, "eval": _eval,
-            "sweep": _sweep, "ablate": _ablate, "mechanism": _mechanism, "demo": _demo}
+            "sweep": _sweep, "ablate": _ablate, "mechanism": _mechanism, "dglm": _dglm,
+            "demo": _demo}
 # Command flags that set a config field (sample.<name>), applied before the handler runs.
-FLAG_FIELDS = {"sample": ("num", "length", "steps", "readout", "method")}
+FLAG_FIELDS = {"sample": ("num", "length", "steps", "readout", "method", "attribute")}
 REPORT_NAMES = {"sample": "sample_report.json"}  # beside eval's report.json, not over it
 
 

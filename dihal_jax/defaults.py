@@ -143,7 +143,8 @@ def base() -> ml_collections.ConfigDict:
   c.sample.renoise_t = 0.3  # refine: re-noise level
   c.sample.gap = 8  # infill: positions per [___]
   c.sample.batch = 32  # samples per jitted call
-  c.sample.method = "bridge"  # dihal sample: "bridge" (DiHAL) or "mdm" (the dihal mdm model)
+  c.sample.method = "bridge"  # dihal sample: "bridge" (DiHAL), "mdm" or "dglm" (their workdirs)
+  c.sample.attribute = ""  # --method=dglm: steer toward NAME=VALUE[+NAME=VALUE] (dglm.targets)
   c.sample.mdm_steps = 32  # mdm: reveal steps (each one forward pass of the whole window)
   c.sample.unmask = "confidence"  # mdm: which masked positions a step reveals: confidence | random
   c.sample.mdm_block = 0  # mdm: semi-autoregressive blocks of this many positions (0 = one block)
@@ -171,6 +172,36 @@ def base() -> ml_collections.ConfigDict:
   c.mechanism.filler = 32  # ... after this many tokens of other text (cue distance span + filler)
   c.mechanism.masks = 8  # masked positions after each task's answer
   c.mechanism.head_layers = 2  # per-head patching at the layers whose block restores most
+
+  c.dglm = ml_collections.ConfigDict()  # dihal dglm (dglm/run.py)
+  c.dglm.books = "austen=builtin:austen,moby_dick=builtin:moby_dick"  # name=source, >= 2
+  c.dglm.prefix = 8  # prefix tokens the decoder is given (after the separator)
+  c.dglm.continuation = 24  # tokens the latent describes and the decoder writes
+  c.dglm.train_windows = 4000  # train windows per book (balanced: the same count per book)
+  c.dglm.test_windows = 256  # test windows per book
+  c.dglm.vectors = 8  # soft-prompt vectors
+  c.dglm.hidden = 1024  # projector MLP width
+  c.dglm.latent_noise = 0.5  # training latents + N(0, (s/sqrt d)^2), s ~ U(0, this)
+  c.dglm.latent_dropout = 0.1  # training latents zeroed with this probability
+  c.dglm.steps = 400  # projector optimizer steps (backbone frozen)
+  c.dglm.batch_size = 8
+  c.dglm.lr = 1e-3
+  c.dglm.width = 768  # latent denoiser MLP width
+  c.dglm.blocks = 4  # its residual blocks
+  c.dglm.denoiser_steps = 2000
+  c.dglm.denoiser_batch = 256
+  c.dglm.denoiser_lr = 1e-3
+  c.dglm.cond_dropout = 0.1  # prefix latent dropped (for classifier-free guidance)
+  c.dglm.sampler_steps = 50  # DDIM steps of the latent
+  c.dglm.prefix_guidance = 1.0  # classifier-free guidance weight on the prefix
+  c.dglm.scale = 10.0  # classifier-guidance strength of the dglm_guided rows
+  c.dglm.scale_sweep = (3.0, 30.0, 100.0)  # extra strengths for the first target
+  c.dglm.targets = "book=moby_dick,book=austen,speech=dialogue,book=moby_dick+speech=dialogue"
+  c.dglm.num = 64  # test prefixes per row (half from each of the first two books)
+  c.dglm.temperature = 1.0
+  c.dglm.top_p = 0.95
+  c.dglm.log_every = 10
+  c.dglm.checkpoint_every = 100
 
   c.demo = ml_collections.ConfigDict()
   c.demo.preset = "quick"  # dihal demo budget: quick | full | smoke | none (demo.PRESETS)

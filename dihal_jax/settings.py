@@ -46,8 +46,15 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
   _need(config.sample.beta >= 0, f"--config.sample.beta={config.sample.beta}: expected >= 0 (the "
         "joint readout's weight of the current-token head)")
   mdm_train.check(config.mdm)
-  _need(config.sample.method in ("bridge", "mdm"), f"--config.sample.method="
-        f"{config.sample.method!r}: expected bridge or mdm")
+  _need(config.sample.method in ("bridge", "mdm", "dglm"), f"--config.sample.method="
+        f"{config.sample.method!r}: expected bridge, mdm or dglm")
+  if command == "dglm" or config.sample.method == "dglm":
+    from dihal_jax.dglm import run as dglm_run
+    dglm_run.check(config.dglm)
+    if config.sample.attribute:
+      from dihal_jax.dglm.attributes import parse_target
+      from dihal_jax.dglm.trained import attribute_values
+      parse_target(config.sample.attribute, attribute_values(config.dglm))
   mdm_sampler.check(config.sample.mdm_steps, config.sample.unmask, config.sample.mdm_block,
                     config.sample.length or d.window)
   if command == "mechanism":

@@ -28,7 +28,7 @@ LAYERS = (
     ("hybrid",),
     ("mdm",),
     ("eval",),
-    ("analysis",),
+    ("analysis", "dglm"),
     ("planning",),
     ("settings", "defaults", "demo", "cli"),
 )

@@ -59,16 +59,22 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: fl
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
                                              "top_p", "eos_id", "pad_id"))
-def _generate(graphdef, state, prompt, prompt_mask, key, *, max_new_tokens, temperature, top_p,
-              eos_id, pad_id):
+def _generate(graphdef, state, prompt, prompt_mask, key, soft_prompt, *, max_new_tokens,
+              temperature, top_p, eos_id, pad_id):
   model: Decoder = nnx.merge(graphdef, state)
   cfg = model.cfg
-  b, p = prompt.shape
+  embeddings = model.embed_tokens(prompt)
+  if soft_prompt is not None:  # vectors before the (left-padded) prompt, all of them real
+    b, k, _ = soft_prompt.shape
+    embeddings = jnp.concatenate([soft_prompt.astype(embeddings.dtype), embeddings], axis=1)
+    prompt_mask = jnp.concatenate([jnp.ones((b, k), bool), prompt_mask], axis=1)
+  b, p = prompt_mask.shape
   s = p + max_new_tokens
   cache = jnp.zeros((cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim), model.dtype)
   key_mask = jnp.concatenate([prompt_mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-  logits, cache_k, cache_v = model.decode_step(prompt, positions, cache, cache, 0, key_mask)
+  logits, cache_k, cache_v = model.decode_step(None, positions, cache, cache, 0, key_mask,
+                                               embeddings=embeddings)
   token = sample_next(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
   done = token == eos_id
@@ -88,7 +94,8 @@ def _generate(graphdef, state, prompt, prompt_mask, key, *, max_new_tokens, temp
 
 def generate(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array | None = None, *,
              max_new_tokens: int, key: jax.Array | None = None, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0) -> jax.Array:
+             top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+             soft_prompt: jax.Array | None = None) -> jax.Array:
   """Continues each prompt row by `max_new_tokens` tokens.
 
   Args:
@@ -100,6 +107,8 @@ def generate(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array | None = 
     temperature: 0 for greedy argmax.
     top_p: nucleus mass (1.0 = no filtering).
     eos_id: after this token a row emits `pad_id` (None: never stop).
+    soft_prompt: [B, k, D] input vectors placed before each prompt row (DGLM's projected
+      latent); they take positions 0..k-1 and every row's tokens follow them.
   Returns:
     [B, max_new_tokens] int32 new tokens.
   """
@@ -112,6 +121,7 @@ def generate(model: Decoder, prompt: jax.Array, prompt_mask: jax.Array | None = 
     key = jax.random.key(0)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, jnp.asarray(prompt, jnp.int32),
-                   jnp.asarray(prompt_mask, bool), key, max_new_tokens=max_new_tokens,
+                   jnp.asarray(prompt_mask, bool), key, soft_prompt,
+                   max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_p=float(top_p),
                    eos_id=-1 if eos_id is None else int(eos_id), pad_id=int(pad_id))

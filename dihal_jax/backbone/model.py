@@ -361,19 +361,22 @@ class Decoder(nnx.Module):
     out = {l: (h0 if l == 0 else stack[l - 1]) for l in wanted}
     return (out, self.logits(h_last)) if with_logits else out
 
-  def decode_step(self, tokens, positions, cache_k, cache_v, index, key_mask):
+  def decode_step(self, tokens, positions, cache_k, cache_v, index, key_mask, *,
+                  embeddings=None):
     """One cached step: tokens [B, T] at cache slots index..index+T-1.
 
     Args:
-      tokens: [B, T] new tokens.
+      tokens: [B, T] new tokens (None when `embeddings` are given).
       positions: [B, T] their RoPE positions.
       cache_k, cache_v: [L, B, S, K, H] caches.
       index: first cache slot written.
       key_mask: [B, S] True where a slot holds a real token (padding False).
+      embeddings: [B, T, D] input vectors instead of the tokens' embeddings (soft prompts).
     Returns:
       logits [B, T, V] and the updated caches.
     """
-    b, t = tokens.shape
+    x = self.embed_tokens(tokens) if embeddings is None else embeddings
+    t = x.shape[1]
     s = cache_k.shape[2]
     q_slot = index + jnp.arange(t)
     mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :].astype(bool)
@@ -385,8 +388,7 @@ class Decoder(nnx.Module):
       x, (k_l, v_l) = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, (k_l, v_l, index))
       return x, (k_l, v_l)
 
-    h, (cache_k, cache_v) = jax.lax.scan(body, self.embed_tokens(tokens),
-                                         (state, cache_k, cache_v))
+    h, (cache_k, cache_v) = jax.lax.scan(body, x, (state, cache_k, cache_v))
     return self.logits(h), cache_k, cache_v
 
 
