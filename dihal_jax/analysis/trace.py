@@ -2,7 +2,7 @@
 with optional activation patching, in one scan over the stacked blocks.
 
 It runs the Decoder's own pieces (`Attention.queries_keys_values`, `probabilities`,
-`heads`, `output`, the norms and the MLP) in the order `Block.__call__` does, so an
+`heads`, `output`, then `Block.after_attention`) in the order `Block.__call__` does, so an
 unpatched trace equals the model's forward (tests compare it with `transformers`).
 
 Patching (`Patch`) replaces, inside the scan and only at the positions flagged in
@@ -64,8 +64,7 @@ def trace(model: Decoder, tokens: jax.Array, *, attention=None, patch: Patch | N
       use_layer, use_heads, other_delta, other_heads = flag
       heads = jnp.where(use_heads[None, None, :, None] & where[..., None],
                         other_heads.astype(heads.dtype), heads)
-    y = x + attn.output(heads)
-    y = y + block.mlp(block.post_attn_norm(y))
+    y = block.after_attention(x, attn.output(heads))
     if flag is not None:
       y = jnp.where(use_layer & where, x + other_delta.astype(y.dtype), y)
     out = {"states": y, "deltas": y - x, "probs": probs, "heads": heads}

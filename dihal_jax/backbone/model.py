@@ -239,8 +239,13 @@ class Block(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, cache=None):
     attn_out, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache)
+    return self.after_attention(x, attn_out), new_cache
+
+  def after_attention(self, x, attn_out):
+    """The rest of the block once attention's output is known: the two residual adds and
+    the MLP (analysis/trace.py computes attn_out itself, head by head)."""
     x = x + attn_out
-    return x + self.mlp(self.post_attn_norm(x)), new_cache
+    return x + self.mlp(self.post_attn_norm(x))
 
 
 class Decoder(nnx.Module):
