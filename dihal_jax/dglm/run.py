@@ -11,6 +11,10 @@ Stages (each resumable; the workdir keeps what is done):
    and for attributes by the independent text judge -> report.json, report.md,
    samples.md, control.png.
 
+Besides the rows, the teacher-forced continuation NLL of the backbone alone, after the
+soft prompt of a zero latent, and after that of the true continuation's latent: how much the
+latent tells the decoder.
+
 Rows: `real_text` (the true continuations), `ar_backbone` (the backbone continues the
 prefix), `ar_prompted/T` (a plain instruction naming target T precedes the prefix),
 `dglm_true_latent` (the decoder given the true continuation's latent: the readout's
@@ -295,6 +299,12 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
         lambda i, s=s: soft_prompt.write(backbone, projector, prompts,
                                          propose(i, steer(goals[0]), s), **sample_kw(i)))
 
+  nll = {name: float(soft_prompt.continuation_nll(backbone, soft, jnp.asarray(test.tokens),
+                                                  d.prefix))
+         for name, soft in (
+             ("backbone", jnp.zeros((d.num, 0, backbone.cfg.hidden_size))),
+             ("no_latent", projector(jnp.zeros_like(jnp.asarray(test_z["continuation"])))),
+             ("true_latent", projector(jnp.asarray(test_z["continuation"]))))}
   reference = judges.features(test.tokens, start)
   results, samples = {}, {}
   for index, (row, make) in enumerate(makers.items()):
@@ -327,6 +337,7 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
       "label_rates": {split: {a: float(np.mean(y)) for a, y in p.labels.items()}
                       for split, p in passages.items()},
       "windows": {split: int(len(p.tokens)) for split, p in passages.items()},
+      "teacher_forced_nll": nll,
       "training": {"projector": projector_rows[-1], "latent_denoiser": denoiser_rows[-1]},
       "results": results, "timings": {"total_s": time.perf_counter() - t0}}
   reports.write_json(workdir / "report.json", report)
@@ -348,6 +359,7 @@ def summary(report: dict) -> str:
            _fmt_ci(r, "ngram_ppl"), _fmt_ci(r, "gen_ppl"), f"{r['entropy']:.2f}",
            f"{r['mauve']:.3f}") for name, r in report["results"].items()]
   judge = ", ".join(f"{a} {v:.2f}" for a, v in report["judge_accuracy_on_real_test"].items())
+  nll = report["teacher_forced_nll"]
   latent = ", ".join(f"{a} {v:.2f}"
                      for a, v in report["latent_classifier_accuracy_on_test"].items())
   return "\n".join([
@@ -357,6 +369,9 @@ def summary(report: dict) -> str:
       f"{report['scale']}, prefix guidance {report['prefix_guidance']}.", "",
       f"Independent text judge's accuracy on real test continuations: {judge}. "
       f"Latent classifiers' accuracy on test latents: {latent}.", "",
+      "Continuation NLL (nats/token, teacher forced) on these prefixes: backbone alone "
+      f"{nll['backbone']:.3f}, soft prompt of a zero latent {nll['no_latent']:.3f}, of the "
+      f"true continuation's latent {nll['true_latent']:.3f}.", "",
       reports.markdown_table(header, rows), ""])
 
 
