@@ -69,6 +69,9 @@ def test_report_has_every_row_of_the_contract(trained):
     lo, hi = row["attribute_accuracy_ci"]
     assert 0 <= lo <= row["attribute_accuracy"] <= hi <= 1
     assert set(row["rates"]) == set(TARGETS)
+  nll = report["teacher_forced_nll"]
+  assert set(nll) == {"backbone", "no_latent", "true_latent"}
+  assert all(0 < v < 20 for v in nll.values())  # nats per token; the tiny vocabulary has 307
   composed = rows["dglm_guided/book=b+speech=dialogue"]
   assert (composed["attribute"], composed["value"]) == ("book+speech", "b+dialogue")
   for name in ("report.md", "samples.md", "control.png", "classifiers.npz", "latents.npz",

@@ -6,9 +6,9 @@ independent judge that scores the text.
 - `LatentClassifier`: multinomial logistic regression (scikit-learn) on the sentence
   latents of the train split; its log-probability is differentiable in JAX, so its
   gradient steers the latent diffusion sampler (classifier guidance).
-- `TextJudge`: TF-IDF word 1-2-grams + logistic regression fit on the train split's
-  *texts*: it never sees a latent or a generator, so generated text is scored by a model
-  the generator could not have fitted.
+- `TextJudge`: TF-IDF word (and quotation-mark) 1-2-grams + logistic regression fit on the
+  train split's *texts*: it never sees a latent or a generator, so generated text is
+  scored by a model the generator could not have fitted.
 """
 
 from __future__ import annotations
@@ -69,21 +69,31 @@ class LatentClassifier:
     logits = latents @ jnp.asarray(self.weight).T + jnp.asarray(self.bias)
     return jax.nn.log_softmax(logits, axis=-1)[:, value]
 
+  def predict(self, latents: np.ndarray) -> np.ndarray:
+    return np.argmax(latents @ self.weight.T + self.bias, axis=-1)
+
   def accuracy(self, latents: np.ndarray, labels: np.ndarray) -> float:
-    pred = np.argmax(latents @ self.weight.T + self.bias, axis=-1)
-    return float(np.mean(pred == labels))
+    return float(np.mean(self.predict(latents) == labels))
+
+
+# Words of two or more characters (scikit-learn's default) and the double quotation mark,
+# which the default drops and which marks dialogue.
+TOKENS = r"(?u)\b\w\w+\b|[\"\u201c\u201d]"
 
 
 class TextJudge:
-  """One TF-IDF + logistic-regression classifier per attribute, on texts."""
+  """One TF-IDF + logistic-regression classifier per attribute, on texts; classes weighted
+  to balance (dialogue is the rarer speech label), so a judge cannot score by the majority."""
 
   def __init__(self, texts: list[str], labels: dict[str, np.ndarray], seed: int):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     self.models = {
-        name: make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
-                            LogisticRegression(max_iter=2000, random_state=seed)
+        name: make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True,
+                                            token_pattern=TOKENS),
+                            LogisticRegression(max_iter=2000, class_weight="balanced",
+                                               random_state=seed)
                             ).fit(texts, y)
         for name, y in labels.items()}
 

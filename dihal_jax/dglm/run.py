@@ -273,13 +273,17 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
     return [(classifiers[a], v) for a, v in target]
 
   prompts = test.prefixes
+
+  def decode(index, latent):
+    return soft_prompt.write(backbone, projector, prompts, latent, **sample_kw(index)), latent
+
+  # Each maker: row index -> (continuations [N, C], the latents they were written from or None).
   makers = {
-      "real_text": lambda i: test.continuations,
-      "ar_backbone": lambda i: soft_prompt.write(backbone, None, prompts, None, **sample_kw(i)),
-      "dglm_true_latent": lambda i: soft_prompt.write(
-          backbone, projector, prompts, test_z["continuation"], **sample_kw(i)),
-      "dglm": lambda i: soft_prompt.write(backbone, projector, prompts, propose(i),
-                                          **sample_kw(i)),
+      "real_text": lambda i: (test.continuations, test_z["continuation"]),
+      "ar_backbone": lambda i: (soft_prompt.write(backbone, None, prompts, None, **sample_kw(i)),
+                                None),
+      "dglm_true_latent": lambda i: decode(i, test_z["continuation"]),
+      "dglm": lambda i: decode(i, propose(i)),
   }
   for target in goals:
     name = target_name(target, values)
@@ -288,16 +292,14 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
     prompted = np.concatenate([prompts[:, :1], np.broadcast_to(intro, (len(prompts), len(intro))),
                                prompts[:, 1:]], axis=1)
     makers[f"ar_prompted/{name}"] = (
-        lambda i, prompted=prompted: soft_prompt.write(backbone, None, prompted, None,
-                                                       **sample_kw(i)))
+        lambda i, prompted=prompted: (soft_prompt.write(backbone, None, prompted, None,
+                                                        **sample_kw(i)), None))
     makers[f"dglm_guided/{name}"] = (
-        lambda i, target=target: soft_prompt.write(
-            backbone, projector, prompts, propose(i, steer(target), d.scale), **sample_kw(i)))
+        lambda i, target=target: decode(i, propose(i, steer(target), d.scale)))
   first = target_name(goals[0], values)
   for s in d.scale_sweep:
     makers[f"dglm_guided/{first}@{s:g}"] = (
-        lambda i, s=s: soft_prompt.write(backbone, projector, prompts,
-                                         propose(i, steer(goals[0]), s), **sample_kw(i)))
+        lambda i, s=s: decode(i, propose(i, steer(goals[0]), s)))
 
   nll = {name: float(soft_prompt.continuation_nll(backbone, soft, jnp.asarray(test.tokens),
                                                   d.prefix))
@@ -308,7 +310,8 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   reference = judges.features(test.tokens, start)
   results, samples = {}, {}
   for index, (row, make) in enumerate(makers.items()):
-    continuation = np.asarray(make(index))
+    continuation, latent = make(index)
+    continuation = np.asarray(continuation)
     tokens = np.concatenate([prompts, continuation], axis=1)
     texts = tokenizer.batch_decode(continuation)
     score = judges.score(tokens, start=start, reference=reference)
@@ -318,10 +321,14 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
     results[row] = {"attribute": "+".join(a for a, _ in row_target),
                     "value": "+".join(values[a][v] for a, v in row_target),
                     **_accuracy(text_judge.hits(texts, row_target)), "rates": rates, **score}
-    if row.startswith("dglm"):
-      z_out = judges.encoder(texts)
-      goal = test_z["continuation"]
-      results[row]["latent_cosine_to_true"] = float(np.mean(np.sum(z_out * goal, axis=-1)))
+    if latent is not None:  # did the proposal itself carry the target (latent classifiers)?
+      latent = np.asarray(latent)
+      hits = np.all([classifiers[a].predict(latent) == v for a, v in row_target], axis=0)
+      results[row]["latent_target_rate"] = float(hits.mean())
+    if row != "real_text":  # how close the written text's latent is to the true continuation's
+      written = judges.encoder(texts)
+      results[row]["latent_cosine_to_true"] = float(np.mean(np.sum(
+          written * test_z["continuation"], axis=-1)))
     samples[row] = [tokenizer.decode(p[1:]) + " ‖ " + t for p, t in zip(prompts[:3], texts[:3])]
 
   real_pred = text_judge.predict(tokenizer.batch_decode(passages["test"].continuations))
