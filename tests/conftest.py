@@ -15,6 +15,17 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def error_line(result) -> str:
+  """Asserts the bad-input contract on the process; returns its `dihal: error:` line."""
+  context = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+  assert "Traceback" not in result.stderr, context
+  assert result.returncode == 2, context
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines and lines[-1].startswith("dihal: error:"), context
+  assert sum(line.startswith("dihal: error:") for line in lines) == 1, context
+  return lines[-1]
+
+
 def load_config(name: str):
   """configs/<name>.py -> its get_config()."""
   from dihal_jax.defaults import load_config_file

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from conftest import error_line
+
 from dihal_jax.backbone.config import BackboneConfig
 from dihal_jax.backbone.convert import INDEX_FILE, SINGLE_FILE
 from dihal_jax.errors import UserInputError
@@ -51,17 +53,6 @@ def snapshot(directory: Path) -> dict[str, tuple[int, str]]:
   return {str(p.relative_to(directory)): (p.stat().st_size,
                                           hashlib.sha256(p.read_bytes()).hexdigest())
           for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-  """Asserts the bad-input contract on the process; returns its `dihal: error:` line."""
-  context = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-  assert "Traceback" not in result.stderr, context
-  assert result.returncode == 2, context
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert lines and lines[-1].startswith("dihal: error:"), context
-  assert sum(line.startswith("dihal: error:") for line in lines) == 1, context
-  return lines[-1]
 
 
 def assert_nothing_written(workdir: Path):

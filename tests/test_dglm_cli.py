@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, error_line
 from dihal_jax import assets
 
 pytestmark = pytest.mark.slow
@@ -39,14 +39,6 @@ def _run(tmp_path, workdir, books, *extra, command="dglm"):
           f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}", books, *TINY,
           *extra]
   return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
-
-
-def _error_line(proc):
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr
-  last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-  assert last.startswith("dihal: error:"), last
-  return last
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +101,11 @@ def test_sample_steers_toward_an_attribute(trained):
     (("--config.eval.encoder=no_such_encoder_package",), "not installed"),
 ])
 def test_bad_input_is_one_line(tmp_path, books, extra, words):
-  assert words in _error_line(_run(tmp_path, tmp_path / "w", books, *extra))
+  assert words in error_line(_run(tmp_path, tmp_path / "w", books, *extra))
 
 
 def test_sample_with_an_unknown_attribute_is_one_line(trained):
   tmp_path, workdir, books = trained
-  line = _error_line(_run(tmp_path, workdir, books, "--method=dglm", "--attribute=book=emma",
+  line = error_line(_run(tmp_path, workdir, books, "--method=dglm", "--attribute=book=emma",
                           command="sample"))
   assert "emma" in line

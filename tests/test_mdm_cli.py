@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO
+from conftest import REPO, error_line
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,6 @@ def _losses(workdir):
   steps = [row["step"] for row in rows]
   assert steps == sorted(set(steps)), "a restart must drop rows past the restored step"
   return {row["step"]: row["loss"] for row in rows}
-
-
-def _error_line(proc):
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr
-  last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-  assert last.startswith("dihal: error:"), last
-  return last
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +126,7 @@ def test_bad_settings_are_one_line(tmp_path, override, needle):
     proc = _run(tmp_path, tmp_path / "w", "--method=mdm", override, command="sample")
   else:
     proc = _run(tmp_path, tmp_path / "w", override)
-  assert needle in _error_line(proc)
+  assert needle in error_line(proc)
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
@@ -149,7 +141,7 @@ def test_a_bridge_checkpoint_given_as_an_mdm_is_refused(tmp_path):
        "--config.bridge.unet.groups=4"], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert bridge.returncode == 0, bridge.stderr[-3000:]
   proc = _run(tmp_path, tmp_path / "bridge", "--method=mdm", command="sample")
-  assert "not a masked diffusion model" in _error_line(proc)
+  assert "not a masked diffusion model" in error_line(proc)
   assert not (tmp_path / "bridge" / "samples.jsonl").exists()
 
 
@@ -198,11 +190,11 @@ def test_mechanism_report_has_every_section(uninterrupted):
 ])
 def test_mechanism_bad_settings_are_one_line(tmp_path, override, needle):
   proc = _mechanism(tmp_path, tmp_path / "w", override)
-  assert needle in _error_line(proc)
+  assert needle in error_line(proc)
   assert not (tmp_path / "w" / "report.json").exists()
 
 
 def test_mechanism_without_an_mdm_is_one_line(tmp_path):
   proc = _mechanism(tmp_path, tmp_path / "w")
-  assert "dihal mdm" in _error_line(proc)
+  assert "dihal mdm" in error_line(proc)
   assert not (tmp_path / "w" / "report.json").exists()

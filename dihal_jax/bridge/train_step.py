@@ -184,6 +184,17 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation)
                     step=jnp.zeros((), jnp.int32))
 
 
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation,
+                    optim_cfg: OptimConfig) -> TrainState:
+  """The end of every trainer's step: the optimizer's update of `grads`, the EMA at
+  `ema_decay_at(step)`, step + 1."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay_at(optim_cfg, state.step)
+  ema = optax.incremental_update(params, state.ema, step_size=1.0 - decay)
+  return state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1)
+
+
 def _reseed(model: nnx.Module, key: jax.Array) -> None:
   """Gives every RNG stream of `model` (dropout) its own key derived from `key`."""
   i = 0
@@ -302,11 +313,7 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
     return mse + token_ce * ce, (mse, ce)
 
   (loss, (mse, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = ema_decay_at(optim_cfg, state.step)
-  ema = optax.incremental_update(params, state.ema, step_size=1.0 - decay)
-  new_state = state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1)
+  new_state = apply_gradients(state, grads, optimizer, optim_cfg)
   metrics = {"loss": loss, "mse": mse, "token_ce": ce, "grad_norm": optax.tree.norm(grads)}
   return new_state, metrics
 

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from dihal_jax.bridge import diffusion
-from dihal_jax.bridge.train_step import T_MIN, OptimConfig, TrainState, ema_decay_at
+from dihal_jax.bridge.train_step import T_MIN, OptimConfig, TrainState, apply_gradients
 from dihal_jax.dglm.attributes import LatentClassifier
 
 TIME_FEATURES = 128
@@ -92,11 +92,7 @@ def train_step(state: TrainState, continuation: jax.Array, prefix: jax.Array, ke
     return diffusion.loss(out, x0, noise, t, jnp.ones((b, 1), bool), cfg)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema,
-                                 step_size=1.0 - ema_decay_at(optim_cfg, state.step))
-  return (state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1),
+  return (apply_gradients(state, grads, optimizer, optim_cfg),
           {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
 

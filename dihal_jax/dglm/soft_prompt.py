@@ -22,7 +22,7 @@ from flax import nnx
 
 from dihal_jax.backbone.generate import generate
 from dihal_jax.backbone.model import Decoder
-from dihal_jax.bridge.train_step import OptimConfig, TrainState, ema_decay_at
+from dihal_jax.bridge.train_step import OptimConfig, TrainState, apply_gradients
 
 
 class Projector(nnx.Module):
@@ -81,11 +81,7 @@ def train_step(state: TrainState, backbone: Decoder, tokens: jax.Array, latent: 
     return continuation_nll(backbone, projector(z), tokens, prefix)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema,
-                                 step_size=1.0 - ema_decay_at(optim_cfg, state.step))
-  return (state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1),
+  return (apply_gradients(state, grads, optimizer, optim_cfg),
           {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
 

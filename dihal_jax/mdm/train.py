@@ -34,8 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dihal_jax.backbone import checkpoint as backbone_checkpoint
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge.checkpoint import read_latest
-from dihal_jax.bridge.train_step import (OptimConfig, TrainState, ema_decay_at, init_train_state,
-                                         make_optimizer, state_shardings)
+from dihal_jax.bridge.train_step import (OptimConfig, TrainState, apply_gradients,
+                                         init_train_state, make_optimizer, state_shardings)
 from dihal_jax.bridge.training_loop import Cadence, run_loop
 from dihal_jax.data.dataset import Data
 from dihal_jax.errors import UserInputError
@@ -141,12 +141,7 @@ def train_step(state: TrainState, tokens: jax.Array, key: jax.Array, *, mask_id:
     return loss, accuracy
 
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = ema_decay_at(optim_cfg, state.step)
-  ema = optax.incremental_update(params, state.ema, step_size=1.0 - decay)
-  new_state = state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1)
-  return new_state, {"loss": loss, "masked_accuracy": accuracy,
+  return apply_gradients(state, grads, optimizer, optim_cfg), {"loss": loss, "masked_accuracy": accuracy,
                      "grad_norm": optax.tree.norm(grads), "attention_rate": rate}
 
 
