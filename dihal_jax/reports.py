@@ -43,6 +43,20 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
   return path
 
 
+def write_arrays(path: str | os.PathLike, arrays: dict) -> Path:
+  """Saves named arrays as one .npz, atomically (process 0 only)."""
+  import numpy as np
+  path = Path(path)
+  if jax.process_index() != 0:
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+  with os.fdopen(fd, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
   """Writes `obj` as indented JSON, atomically (process 0 only)."""
   return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

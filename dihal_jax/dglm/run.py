@@ -111,9 +111,7 @@ def latents(path: Path, passages: dict[str, Passages], encoder, tokenizer) -> di
   out = {s: _encode_latents(encoder, tokenizer, p) for s, p in passages.items()}
   arrays = {f"{s}_{k}": v for s, parts in out.items() for k, v in parts.items()}
   arrays.update({f"{s}_tokens": p.tokens for s, p in passages.items()})
-  tmp = path.with_name(f".{path.name}.tmp.npz")
-  np.savez(tmp, **arrays)
-  tmp.replace(path)
+  reports.write_arrays(path, arrays)
   return out
 
 
@@ -307,14 +305,15 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
              ("backbone", jnp.zeros((d.num, 0, backbone.cfg.hidden_size))),
              ("no_latent", projector(jnp.zeros_like(jnp.asarray(test_z["continuation"])))),
              ("true_latent", projector(jnp.asarray(test_z["continuation"]))))}
-  reference = judges.features(test.tokens, start)
+  reference = test_z["continuation"]  # the judges' features of the real continuations
   results, samples = {}, {}
   for index, (row, make) in enumerate(makers.items()):
     continuation, latent = make(index)
     continuation = np.asarray(continuation)
     tokens = np.concatenate([prompts, continuation], axis=1)
     texts = tokenizer.batch_decode(continuation)
-    score = judges.score(tokens, start=start, reference=reference)
+    written = judges.features(tokens, start)
+    score = judges.score(tokens, start=start, reference=reference, features=written)
     row_target = (parse_target(row.split("/", 1)[1].split("@")[0], values) if "/" in row
                   else goals[0])
     rates = {target_name(t, values): _accuracy(text_judge.hits(texts, t)) for t in goals}
@@ -326,9 +325,7 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
       hits = np.all([classifiers[a].predict(latent) == v for a, v in row_target], axis=0)
       results[row]["latent_target_rate"] = float(hits.mean())
     if row != "real_text":  # how close the written text's latent is to the true continuation's
-      written = judges.encoder(texts)
-      results[row]["latent_cosine_to_true"] = float(np.mean(np.sum(
-          written * test_z["continuation"], axis=-1)))
+      results[row]["latent_cosine_to_true"] = float(np.mean(np.sum(written * reference, axis=-1)))
     samples[row] = [tokenizer.decode(p[1:]) + " ‖ " + t for p, t in zip(prompts[:3], texts[:3])]
 
   real_pred = text_judge.predict(tokenizer.batch_decode(passages["test"].continuations))

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dihal_jax import reports
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.checkpoint import read_latest
@@ -79,10 +80,8 @@ def replicate(tree, mesh: jax.sharding.Mesh):
 
 
 def save_classifiers(path: Path, classifiers: dict[str, LatentClassifier]) -> None:
-  arrays = {f"{a}_{k}": getattr(c, k) for a, c in classifiers.items() for k in ("weight", "bias")}
-  tmp = path.with_name(f".{path.name}.tmp.npz")
-  np.savez(tmp, **arrays)
-  tmp.replace(path)
+  reports.write_arrays(path, {f"{a}_{k}": getattr(c, k) for a, c in classifiers.items()
+                              for k in ("weight", "bias")})
 
 
 @dataclasses.dataclass

@@ -57,9 +57,10 @@ class Judges:
     return self.encoder(self.texts(tokens, start))
 
   def score(self, tokens: np.ndarray, *, start: int = 1, reference: np.ndarray | None = None,
-            seeds: int = 1) -> dict:
+            seeds: int = 1, features: np.ndarray | None = None) -> dict:
     """Every judge on tokens [N, T] from position `start`; MAUVE against `reference`
-    features when given; `seeds` equal consecutive chunks of rows = the sampling seeds."""
+    features when given (`features`: the rows' own, when the caller already has them);
+    `seeds` equal consecutive chunks of rows = the sampling seeds."""
     tokens = np.asarray(tokens)
     body = tokens[:, start:]
     backbone = metrics.gen_ppl(self.backbone, tokens, batch_size=self.batch, score_from=start)
@@ -78,7 +79,7 @@ class Judges:
         "num_samples": int(len(tokens)),
     }
     if reference is not None:
-      row.update(self.mauve(tokens, reference, start))
+      row.update(self.mauve(tokens, reference, start, features))
     if seeds > 1:
       chunks = np.array_split(np.arange(len(tokens)), seeds)
       row["seed_gen_ppl"] = [float(np.exp(backbone["row_nll"][c].sum()
@@ -87,8 +88,10 @@ class Judges:
                                for c in chunks]
     return row
 
-  def mauve(self, tokens: np.ndarray, reference: np.ndarray, start: int = 1) -> dict:
-    """{"mauve", "mauve_reference"}: the scored part of tokens [N, T] against `reference`
-    features (a row's one set-dependent judge)."""
-    return {"mauve": mauve(self.features(tokens, start), reference, seed=self.seed),
+  def mauve(self, tokens: np.ndarray, reference: np.ndarray, start: int = 1,
+            features: np.ndarray | None = None) -> dict:
+    """{"mauve", "mauve_reference"}: the scored part of tokens [N, T] (or its `features`)
+    against `reference` features (a row's one set-dependent judge)."""
+    features = self.features(tokens, start) if features is None else features
+    return {"mauve": mauve(features, reference, seed=self.seed),
             "mauve_reference": int(len(reference))}
