@@ -76,6 +76,9 @@ def base() -> ml_collections.ConfigDict:
   # Score weights (signs: + stiffness, - curvature, - erank, - compactness; docs/design.md).
   c.locate.weights = ml_collections.ConfigDict(
       dict(stiffness=1.0, curvature=-1.0, erank=-1.0, compactness=-1.0))
+  # Which score picks l*: "weights" (the weights above) or "paper" (+curvature +stiffness
+  # -erank, equal weights: geometry/locate.py::PAPER_WEIGHTS).
+  c.locate.score = "weights"
 
   c.bridge = ml_collections.ConfigDict()
   c.bridge.layer = "auto"  # interface layer l: "auto" = l* of the locate report (runs locate)
@@ -158,6 +161,13 @@ def base() -> ml_collections.ConfigDict:
   c.eval.encoder = "all_minilm_l6_v2"  # MAUVE's sentence encoder (the package holding model.zip)
   c.eval.noise_levels = (0.1, 0.3, 0.5)  # bridge val MSE and token recovery at these t
   c.eval.show = 3  # sample texts per method in the report
+
+  c.sweep = ml_collections.ConfigDict()  # dihal sweep (eval/sweep.py)
+  c.sweep.seeds = 1  # runs per layer (seed = seed + s)
+  c.sweep.epochs = 1.0  # train.steps = epochs x train.cache_windows / train.batch_size
+  c.sweep.eval_windows = 64  # validation windows the recoveries are measured on
+  c.sweep.noise_levels = (0.3, 0.5, 0.8)  # recoveries from windows noised to these t
+  c.sweep.fitted_from = ""  # another sweep's report.json: its proposed weights, judged here
 
   c.ablate = ml_collections.ConfigDict()  # dihal ablate (eval/ablation.py)
   c.ablate.rows = ""  # comma-separated rows of eval/ablation.py::ROWS; empty = all

@@ -12,6 +12,7 @@ import ml_collections
 
 from dihal_jax.backbone.model import check_attention
 from dihal_jax.errors import UserInputError
+from dihal_jax.geometry.locate import score_weights
 from dihal_jax.mdm import sampler as mdm_sampler
 from dihal_jax.mdm import train as mdm_train
 
@@ -60,6 +61,10 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
   if command == "mechanism":
     from dihal_jax.analysis import mechanism
     mechanism.check(config.mechanism, d.window)
+  score_weights(config)
+  if command == "sweep":
+    from dihal_jax.eval import sweep
+    sweep.check(config)
   if command in TRAINS:
     _check_train(config.train)
   if command in EVALUATES:

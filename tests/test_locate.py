@@ -50,6 +50,24 @@ def test_score_is_the_weighted_sum_of_z_scores():
     locate.score_layers(rows, {"sharpness": 1.0})
 
 
+def test_paper_score_form_is_curvature_plus_stiffness_minus_erank():
+  rows = [{"layer": l, "erank": e, "curvature": c, "compactness": k, "stiffness": s}
+          for l, e, c, k, s in [(1, 10.0, 0.2, 0.3, 0.9), (2, 20.0, 0.9, 0.1, 0.5),
+                                (3, 30.0, 0.3, 0.2, 0.1), (4, 15.0, 0.8, 0.9, 0.6)]]
+  config = load_config("tiny_llama")
+  config.locate.score = "paper"
+  best = locate.score_layers(rows, locate.score_weights(config))
+  z = lambda v: (np.array(v) - np.mean(v)) / np.std(v)
+  expected = z([0.2, 0.9, 0.3, 0.8]) + z([0.9, 0.5, 0.1, 0.6]) - z([10, 20, 30, 15])
+  np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-12)
+  assert best == 1 + int(np.argmax(expected))
+  config.locate.score = "weights"
+  assert locate.score_weights(config) == dict(config.locate.weights)
+  config.locate.score = "mine"
+  with pytest.raises(UserInputError, match="locate.score='mine'"):
+    locate.score_weights(config)
+
+
 @pytest.mark.slow
 def test_collect_moments_and_reservoir_match_the_model(tiny_checkpoints):
   mesh = make_mesh({"data": 1})
@@ -118,6 +136,7 @@ def test_dihal_locate_writes_report_and_plot(tmp_path):
     (["--config.locate.reservoir=5000"], "locate.reservoir"),
     (["--config.locate.num_tokens=10"], "locate.num_tokens"),
     (["--config.locate.k=300"], "locate.k=300"),
+    (["--config.locate.score=best"], "locate.score"),
 ])
 def test_dihal_locate_bad_input_exits_2(tmp_path, overrides, message):
   proc = _dihal_locate(tmp_path, *overrides)

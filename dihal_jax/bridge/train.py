@@ -73,8 +73,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   if not 0 <= layer < backbone.cfg.num_layers:
     raise UserInputError(f"bridge.layer={layer}: expected 0..{backbone.cfg.num_layers - 1}")
   mesh, rules = mesh_and_rules(config)
-  key_fields = {"model": hidden.checkpoint_fingerprint(ckpt_dir), "data": config.data.to_dict(),
-                "seed": config.seed}
+  # The cached windows are the first of each split, unshuffled: the seed does not enter the
+  # key, so runs that differ only in their seed (the sweep's) share one cache.
+  key_fields = {"model": hidden.checkpoint_fingerprint(ckpt_dir), "data": config.data.to_dict()}
   caches = {}
   for split, count in (("train", t.cache_windows), ("validation", t.val_windows)):
     windows = data.first_windows(split, count)

@@ -218,7 +218,8 @@ def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.C
       "batch_size": train_cfg.train.batch_size, "lr": train_cfg.train.lr,
       **reads["joint_matched"],
       "spread_ratio": metrics.spread_ratio(gen_z, real_z),
-      **bridge_diagnostics(bridge, b.real, b.real_h, head, tuple(b.config.eval.noise_levels),
+      **bridge_diagnostics(bridge, b.real, b.real_h, {"recovery": head},
+                           tuple(b.config.eval.noise_levels),
                            jax.random.fold_in(key, DIAGNOSTICS_STREAM)),
       "reads": reads,
       "samples": [b.data.tokenizer.decode(r[1:].tolist())

@@ -299,7 +299,7 @@ def bridge_columns(s: Setup, method: str, states: np.ndarray, real: np.ndarray,
     decode = ((lambda h: nearest_embedding(h, s.gens.backbone.embed[...])) if model == "l0"
               else s.gens.head)
     diagnostics[model] = bridge_diagnostics(
-        bridge, real, real_h[model], decode, tuple(s.config.eval.noise_levels),
+        bridge, real, real_h[model], {"recovery": decode}, tuple(s.config.eval.noise_levels),
         jax.random.fold_in(s.key, DIAGNOSTICS_STREAM))
   gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states)))[:, 1:]
   real_z = np.asarray(bridge.norm.forward(jnp.asarray(real_h[model])))[:, 1:]

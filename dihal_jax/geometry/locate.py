@@ -35,6 +35,10 @@ from dihal_jax.geometry import proxies
 from dihal_jax.parallel.sharding import Rules, batch_sharding
 
 PROXIES = ("erank", "curvature", "compactness", "stiffness")
+# The paper's form of the score (locate.score = "paper"): +curvature +stiffness -erank,
+# equal weights on the z-scored proxies; "weights" = locate.weights (this project's prior).
+PAPER_WEIGHTS = {"curvature": 1.0, "stiffness": 1.0, "erank": -1.0}
+SCORE_FORMS = ("weights", "paper")
 
 
 def candidate_layers(spec: str, num_layers: int) -> list[int]:
@@ -209,6 +213,14 @@ def score_layers(rows: list[dict], weights: dict[str, float]) -> int:
   return max(rows, key=lambda row: row["score"])["layer"]
 
 
+def score_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The weights of locate.score's form: locate.weights or PAPER_WEIGHTS."""
+  form = config.locate.score
+  if form not in SCORE_FORMS:
+    raise UserInputError(f"locate.score={form!r}: expected one of {', '.join(SCORE_FORMS)}")
+  return dict(config.locate.weights) if form == "weights" else dict(PAPER_WEIGHTS)
+
+
 def proxy_config(config: ml_collections.ConfigDict) -> proxies.ProxyConfig:
   c = config.locate
   return proxies.ProxyConfig(k=c.k, flat_dim=c.flat_dim, anchors=c.anchors, pairs=c.pairs,
@@ -232,6 +244,7 @@ def run_locate(config: ml_collections.ConfigDict, workdir, *, progress: bool = T
   if num_batches < 1:
     raise UserInputError(f"locate.num_tokens={c.num_tokens}: fewer than one batch "
                          f"({per_batch} tokens)")
+  weights = score_weights(config)
   pcfg = proxy_config(config)
   proxies.validate(pcfg, c.reservoir)
   setup_s = time.perf_counter() - t0
@@ -246,10 +259,10 @@ def run_locate(config: ml_collections.ConfigDict, workdir, *, progress: bool = T
   reference = pair_distances(points[0], moments[0], key, pcfg)
   rows = [{"layer": l, **layer_proxies(points[l], moments[l], reference, key, pcfg)}
           for l in tqdm(candidates, desc="proxies", disable=not progress)]
-  selected = score_layers(rows, dict(c.weights))
+  selected = score_layers(rows, weights)
   proxies_s = time.perf_counter() - t0
   return {"layers": rows, "selected_layer": selected, "num_tokens": seen,
-          "candidates": candidates, "weights": dict(c.weights),
+          "candidates": candidates, "score_form": c.score, "weights": weights,
           "timings": {"setup_s": setup_s, "stream_s": stream_s, "proxies_s": proxies_s}}
 
 

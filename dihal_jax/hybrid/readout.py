@@ -144,6 +144,13 @@ class Readout:
     """tokens [B, n] of the joint readout of h [B, n, d] (token 0 = separator);
     `temperature` overrides cfg.temperature."""
     t = cfg.temperature if temperature is None else temperature
+    if t == 0:  # argmax: the same token as the sorted scores' first, without the sort
+      h = jnp.asarray(h, jnp.float32)
+      nxt = _joint_argmax(self.graphdef, self.state, h, head.norm.forward(h),
+                          jnp.asarray(head.means), jnp.asarray(head.ids),
+                          jnp.float32(head.temperature), jnp.float32(cfg.beta),
+                          layer=self.layer, vocab=head.vocab_size)
+      return jnp.concatenate([jnp.full((nxt.shape[0], 1), self.separator, jnp.int32), nxt], 1)
     return self.draw(self.joint_scores(h, head, cfg.beta), key, t, cfg.top_p)
 
   def template(self, num: int, length: int, prompt: list[int] | None = None):
@@ -248,16 +255,29 @@ def _lm_head(graphdef, state, h, key, *, layer, separator, temperature, top_p):
   return jnp.concatenate([jnp.full((b, 1), separator, jnp.int32), nxt], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "vocab"))
-def _joint_scores(graphdef, state, h, z, means, ids, tau, beta, *, layer, vocab):
-  """(values, order) [B, n-1, V]: the joint scores of positions 1..n-1 sorted descending."""
+def _joint_logits(graphdef, state, h, z, means, ids, tau, beta, *, layer, vocab):
+  """[B, n-1, V]: logits_LM[i-1] + β log p_id(· | h_i) for positions i = 1..n-1."""
   lm = nnx.merge(graphdef, state).upper(h, layer)[:, :-1]  # [B, n-1, V]: logits[t] -> t + 1
   log_id = jax.nn.log_softmax(class_scores(z[:, 1:], means) / tau, axis=-1)  # [B, n-1, V']
   # Tokens never seen in training have p_id = 0: a finite floor keeps β = 0 exactly lm_head.
-  combined = lm.at[..., ids].add(beta * log_id) + jnp.where(
+  return lm.at[..., ids].add(beta * log_id) + jnp.where(
       jnp.zeros((vocab,), bool).at[ids].set(True), 0.0, beta * _UNSEEN)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "vocab"))
+def _joint_scores(graphdef, state, h, z, means, ids, tau, beta, *, layer, vocab):
+  """(values, order) [B, n-1, V]: the joint scores of positions 1..n-1 sorted descending."""
+  combined = _joint_logits(graphdef, state, h, z, means, ids, tau, beta, layer=layer,
+                           vocab=vocab)
   order = jnp.argsort(-combined, axis=-1, stable=True).astype(jnp.int32)
   return jnp.take_along_axis(combined, order, axis=-1), order
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "vocab"))
+def _joint_argmax(graphdef, state, h, z, means, ids, tau, beta, *, layer, vocab):
+  """[B, n-1]: the joint readout's argmax tokens (temperature 0: no sort over the vocabulary)."""
+  return jnp.argmax(_joint_logits(graphdef, state, h, z, means, ids, tau, beta, layer=layer,
+                                  vocab=vocab), axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("top_p",))
