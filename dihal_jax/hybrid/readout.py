@@ -126,18 +126,25 @@ class Readout:
   def joint_scores(self, h, head: ClassMeanHead, beta: float) -> JointScores:
     """The joint readout's temperature-free part for h [B, n, d]: logits_LM[i-1] + β log p_id
     for positions 1..n-1, sorted once (descending) so that draws at any temperature reuse it."""
+    return JointScores(*_joint_scores(*self._joint_inputs(h, head, beta), layer=self.layer,
+                                      vocab=head.vocab_size))
+
+  def _joint_inputs(self, h, head: ClassMeanHead, beta: float) -> tuple:
+    """The positional arguments of the jitted joint readouts for h [B, n, d]."""
     h = jnp.asarray(h, jnp.float32)
-    return JointScores(*_joint_scores(self.graphdef, self.state, h, head.norm.forward(h),
-                                      jnp.asarray(head.means), jnp.asarray(head.ids),
-                                      jnp.float32(head.temperature), jnp.float32(beta),
-                                      layer=self.layer, vocab=head.vocab_size))
+    return (self.graphdef, self.state, h, head.norm.forward(h), jnp.asarray(head.means),
+            jnp.asarray(head.ids), jnp.float32(head.temperature), jnp.float32(beta))
+
+  def _with_separator(self, nxt: jax.Array) -> jax.Array:
+    """tokens [B, n]: the separator, then nxt [B, n-1]."""
+    return jnp.concatenate([jnp.full((nxt.shape[0], 1), self.separator, jnp.int32), nxt], axis=1)
 
   def draw(self, scores: JointScores, key, temperature: float, top_p: float) -> jax.Array:
     """tokens [B, n]: the separator, then a top-p draw at `temperature` (0 = argmax) per
     position of `scores` (temperature is traced: no recompilation per value)."""
-    nxt = (scores.order[..., 0] if temperature == 0 else
-           _draw_sorted(scores.values, scores.order, key, jnp.float32(temperature), top_p=top_p))
-    return jnp.concatenate([jnp.full((nxt.shape[0], 1), self.separator, jnp.int32), nxt], axis=1)
+    return self._with_separator(
+        scores.order[..., 0] if temperature == 0 else
+        _draw_sorted(scores.values, scores.order, key, jnp.float32(temperature), top_p=top_p))
 
   def joint(self, h, head: ClassMeanHead, key, cfg: ReadoutConfig,
             temperature: float | None = None) -> jax.Array:
@@ -145,12 +152,8 @@ class Readout:
     `temperature` overrides cfg.temperature."""
     t = cfg.temperature if temperature is None else temperature
     if t == 0:  # argmax: the same token as the sorted scores' first, without the sort
-      h = jnp.asarray(h, jnp.float32)
-      nxt = _joint_argmax(self.graphdef, self.state, h, head.norm.forward(h),
-                          jnp.asarray(head.means), jnp.asarray(head.ids),
-                          jnp.float32(head.temperature), jnp.float32(cfg.beta),
-                          layer=self.layer, vocab=head.vocab_size)
-      return jnp.concatenate([jnp.full((nxt.shape[0], 1), self.separator, jnp.int32), nxt], 1)
+      return self._with_separator(_joint_argmax(*self._joint_inputs(h, head, cfg.beta),
+                                                layer=self.layer, vocab=head.vocab_size))
     return self.draw(self.joint_scores(h, head, cfg.beta), key, t, cfg.top_p)
 
   def template(self, num: int, length: int, prompt: list[int] | None = None):
