@@ -171,6 +171,9 @@ def base() -> ml_collections.ConfigDict:
 
   c.ablate = ml_collections.ConfigDict()  # dihal ablate (eval/ablation.py)
   c.ablate.rows = ""  # comma-separated rows of eval/ablation.py::ROWS; empty = all
+  # The joint readout's β at which every row is entropy-matched (T bisected at each); the
+  # headline is the largest β at which every row and the oracle reach real text's entropy.
+  c.ablate.betas = (1.0, 0.3, 0.1)
 
   c.mechanism = ml_collections.ConfigDict()  # dihal mechanism (analysis/mechanism.py)
   c.mechanism.mdm = ""  # workdir of the `dihal mdm` run to study; "" = WORKDIR/mdm

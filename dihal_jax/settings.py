@@ -69,6 +69,10 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
     _check_train(config.train)
   if command in EVALUATES:
     _check_eval(config.eval, d.window)
+  if command == "ablate":
+    betas = tuple(config.ablate.betas)
+    _need(len(betas) > 0 and all(b >= 0 for b in betas), f"--config.ablate.betas={betas}: "
+          "expected one or more β >= 0 (the joint readout's weights of the current-token head)")
 
 
 def _check_bridge(b, layers, spec: str) -> None:

@@ -10,14 +10,17 @@ Each bridge trains into workdir/NAME (resumable: an interrupted ablation restart
 it stopped; finished rows are reused). `ablate.rows` picks a subset (e.g. the winner
 alone at another layer, for the ℓ* vs ℓ = 0 comparison).
 
-Every row samples eval.num unconditional windows once (sample.steps) and reads them three
-ways: `joint` at the temperature that brings its unigram entropy within ENTROPY_TOL nats of
-real text's (bisection on T over the same states: the row's headline values), `joint` at
-sample.temperature (untuned) and `identity`. Perplexity falls steeply as entropy falls,
-so only the entropy-matched reads are compared. Judges: the backbone (self-judged gen
-PPL), the Kneser–Ney n-gram judge, MAUVE against held-out test windows, 95% bootstrap
-intervals. Oracle rows read the *true* states of the held-out windows with `joint` and
-`identity`: a readout whose oracle does not return real text is not measuring the bridge.
+Every row samples eval.num unconditional windows once (sample.steps) and reads them:
+`joint` at each β of ablate.betas, each at the temperature that brings its unigram entropy
+within ENTROPY_TOL nats of real text's (bisection on T over the same states), `joint` at
+sample.beta and sample.temperature (untuned) and `identity`. Perplexity falls steeply as
+entropy falls, so only entropy-matched reads are compared, and all at one β: the headline
+β is the largest of the ladder at which every row and the oracle match (chosen by entropy
+alone, before any judge is read). Judges: the backbone (self-judged gen PPL), the
+Kneser–Ney n-gram judge, MAUVE against held-out test windows, 95% bootstrap intervals.
+Oracle rows read the *true* states of the held-out windows with `joint` (each β, matched
+the same way) and `identity`: a readout whose oracle does not return real text is not
+measuring the bridge.
 
 SIGTERM during training saves the row's checkpoint and stops the ablation (returns
 {"interrupted": NAME}). Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "oracle",
@@ -160,14 +163,40 @@ def _judged(judges: Judges, tokens: np.ndarray, reference: np.ndarray) -> dict:
   return {k: row[k] for k in JUDGED if k in row}
 
 
+def betas(config: ml_collections.ConfigDict) -> list[float]:
+  """The β ladder (ablate.betas, largest first) with sample.beta, the untuned read's."""
+  return sorted({float(v) for v in config.ablate.betas} | {float(config.sample.beta)},
+                reverse=True)
+
+
+def beta_key(beta: float) -> str:
+  return f"joint_beta{beta:g}"
+
+
+def matched_joint_reads(b: Bench, states: np.ndarray, head, key) -> dict[float, tuple]:
+  """{β: (T, tokens, matched)} of the joint readout of `states`, entropy-matched at every β
+  of the ladder; the scores of one β are sorted once and drawn at every T of its bisection."""
+  read_key, out = jax.random.fold_in(key, READ_STREAM), {}
+  for beta in betas(b.config):
+    scores = [b.reader.joint_scores(states[j:j + b.batch], head, beta)
+              for j in range(0, len(states), b.batch)]
+    read = lambda t, scores=scores: np.concatenate([  # noqa: E731
+        np.asarray(b.reader.draw(sc, jax.random.fold_in(read_key, j), t,
+                                 b.config.sample.top_p))
+        for j, sc in enumerate(scores)])
+    out[beta] = (*matched_temperature(read, b.real_row["entropy"]), read)
+  return out
+
+
 def oracle_rows(b: Bench, head) -> dict:
-  """{read: values} of the `joint` and `identity` readouts of the real windows' true states."""
-  truth = {"joint": _joint_tokens(b.reader, b.real_h, head, b.key, readout_config(b.config),
-                                  b.batch),
-           "identity": _with_separator(np.asarray(head(b.real_h)), b.real)}
+  """{read: values} of the `joint` readouts (each β, entropy-matched) and the `identity`
+  readout of the real windows' true states."""
+  truth = {beta_key(beta): (tokens, {"beta": beta, "temperature": t, "entropy_matched": ok})
+           for beta, (t, tokens, ok, _) in matched_joint_reads(b, b.real_h, head, b.key).items()}
+  truth["identity"] = (_with_separator(np.asarray(head(b.real_h)), b.real), {})
   oracle = {}
-  for read, tokens in truth.items():
-    oracle[read] = dict(b.judged(tokens),
+  for read, (tokens, how) in truth.items():
+    oracle[read] = dict(b.judged(tokens), **how,
                         token_accuracy=metrics.token_accuracy(tokens[:, 1:], b.real[:, 1:]))
     oracle[read]["gen_ppl_vs_real"] = oracle[read]["gen_ppl"] / b.real_row["gen_ppl"]
   return oracle
@@ -184,23 +213,19 @@ def sampled_states(b: Bench, bridge: TrainedBridge, key) -> tuple[np.ndarray, np
 
 
 def entropy_matched_reads(b: Bench, states: np.ndarray, template: np.ndarray, head,
-                          key) -> tuple[dict, np.ndarray]:
-  """({read: values} of `joint_matched`, `joint_untuned` and `identity`, the matched tokens):
-  the joint scores are sorted once and drawn at every temperature of the bisection."""
-  cfg = readout_config(b.config)
-  scores = [b.reader.joint_scores(states[j:j + b.batch], head, cfg.beta)
-            for j in range(0, len(states), b.batch)]
-  read_key = jax.random.fold_in(key, READ_STREAM)
-  read = lambda t: np.concatenate([  # noqa: E731
-      np.asarray(b.reader.draw(sc, jax.random.fold_in(read_key, j), t, cfg.top_p))
-      for j, sc in enumerate(scores)])
-  temperature, matched_tokens, matched = matched_temperature(read, b.real_row["entropy"])
-  reads = {"joint_matched": b.judged(matched_tokens),
-           "joint_untuned": b.judged(read(cfg.temperature)),
-           "identity": b.judged(_with_separator(np.asarray(head(states)), template))}
-  reads["joint_matched"].update(temperature=temperature, entropy_matched=matched)
-  reads["joint_untuned"]["temperature"] = cfg.temperature
-  return reads, matched_tokens
+                          key) -> tuple[dict, dict]:
+  """({read: values} of `joint_beta<β>` (entropy-matched at each β), `joint_untuned` and
+  `identity`, {β: the matched tokens})."""
+  reads, tokens = {}, {}
+  for beta, (t, matched_tokens, ok, read) in matched_joint_reads(b, states, head, key).items():
+    reads[beta_key(beta)] = dict(b.judged(matched_tokens), beta=beta, temperature=t,
+                                 entropy_matched=ok)
+    tokens[beta] = matched_tokens
+    if beta == b.config.sample.beta:
+      reads["joint_untuned"] = dict(b.judged(read(b.config.sample.temperature)), beta=beta,
+                                    temperature=b.config.sample.temperature)
+  reads["identity"] = b.judged(_with_separator(np.asarray(head(states)), template))
+  return reads, tokens
 
 
 def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.ConfigDict,
@@ -209,6 +234,9 @@ def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.C
   ratio, the bridge diagnostics, every read and a few samples."""
   template, states = sampled_states(b, bridge, key)
   reads, matched_tokens = entropy_matched_reads(b, states, template, head, key)
+  texts = {beta_key(beta): [b.data.tokenizer.decode(r[1:].tolist())
+                            for r in tokens[:b.config.eval.show]]
+           for beta, tokens in matched_tokens.items()}
   gen_z = np.asarray(bridge.norm.forward(jnp.asarray(states)))[:, 1:]
   real_z = np.asarray(bridge.norm.forward(jnp.asarray(b.real_h)))[:, 1:]
   return {
@@ -216,14 +244,11 @@ def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.C
       "token_ce": float(train_cfg.train.token_ce), "tolerant_decoder": False,
       "readout": "joint", "params": bridge.params_count, "steps": bridge.step,
       "batch_size": train_cfg.train.batch_size, "lr": train_cfg.train.lr,
-      **reads["joint_matched"],
       "spread_ratio": metrics.spread_ratio(gen_z, real_z),
       **bridge_diagnostics(bridge, b.real, b.real_h, {"recovery": head},
                            tuple(b.config.eval.noise_levels),
                            jax.random.fold_in(key, DIAGNOSTICS_STREAM)),
-      "reads": reads,
-      "samples": [b.data.tokenizer.decode(r[1:].tolist())
-                  for r in matched_tokens[:b.config.eval.show]]}
+      "reads": reads, "samples_by_read": texts}
 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -257,20 +282,42 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
 def assemble_report(config: ml_collections.ConfigDict, b: Bench, layer: int, rows: dict,
                     oracle: dict, head, timings: dict) -> dict:
-  """report.json's contents: the rows, the winner and the budget every row shared."""
-  cfg, winner = readout_config(config), _winner(rows, b.real_row["entropy"])
+  """report.json's contents: the rows at the headline β, the winner and the budget every
+  row shared."""
+  beta, all_matched = headline_beta(rows, oracle, betas(config))
+  read = beta_key(beta)
+  rows = {name: {**r, **r["reads"][read], "samples": r["samples_by_read"][read]}
+          for name, r in rows.items()}
+  winner = _winner(rows, b.real_row["entropy"])
   return {
-      "rows": rows, "winner": winner, "real_text": b.real_row, "oracle": oracle,
+      "rows": rows, "winner": winner, "real_text": b.real_row,
+      "oracle": {"joint": oracle[read], **oracle},
       "layer": layer, "num": config.eval.num, "length": int(b.real.shape[1]),
       "budget": {"steps": config.train.steps, "batch_size": config.train.batch_size,
                  "cache_windows": config.train.cache_windows, "lr": config.train.lr,
                  "sampler_steps": config.sample.steps,
                  "sampler": config.bridge.diffusion.sampler,
                  "eta": config.bridge.diffusion.eta},
-      "readout": {"beta": cfg.beta, "top_p": cfg.top_p, "untuned_temperature": cfg.temperature,
+      "readout": {"beta": beta, "all_matched": all_matched, "betas": betas(config),
+                  "top_p": config.sample.top_p,
+                  "untuned": {"beta": config.sample.beta,
+                              "temperature": config.sample.temperature},
                   "head_temperature": head.temperature, "entropy_tolerance": ENTROPY_TOL},
       "verdict": _verdict(rows, winner, b.real_row),
       "timings": timings}
+
+
+def headline_beta(rows: dict, oracle: dict, ladder: list[float]) -> tuple[float, bool]:
+  """(β, every read matched): the largest β at which every row's and the oracle's joint read
+  matched real text's entropy; failing that, the β with the most matched reads (the larger
+  β on a tie)."""
+  def matched(beta):
+    reads = [r["reads"][beta_key(beta)] for r in rows.values()] + [oracle[beta_key(beta)]]
+    return sum(r["entropy_matched"] for r in reads), len(reads)
+  full = [beta for beta in ladder if matched(beta)[0] == matched(beta)[1]]
+  if full:
+    return max(full), True
+  return max(ladder, key=lambda beta: (matched(beta)[0], beta)), False
 
 
 def _with_separator(tokens: np.ndarray, given: np.ndarray) -> np.ndarray:
@@ -280,21 +327,18 @@ def _with_separator(tokens: np.ndarray, given: np.ndarray) -> np.ndarray:
   return out
 
 
-def _joint_tokens(reader, states, head, key, cfg, batch) -> np.ndarray:
-  return np.concatenate([np.asarray(reader.joint(states[j:j + batch], head,
-                                                 jax.random.fold_in(key, j), cfg))
-                         for j in range(0, len(states), batch)])
+def _winner(rows: dict, target: float) -> str | None:
+  """The lowest n-gram PPL among rows whose entropy is >= 0.9 x real's (None if no row is:
+  lower perplexity at lower entropy is repetition, not a win)."""
+  eligible = {n: r for n, r in rows.items() if r["entropy"] >= 0.9 * target}
+  return min(eligible, key=lambda n: eligible[n]["ngram_ppl"]) if eligible else None
 
 
-def _winner(rows: dict, target: float) -> str:
-  """The lowest entropy-matched n-gram PPL among rows whose entropy is >= 0.9 x real's."""
-  eligible = {n: r for n, r in rows.items() if r["entropy"] >= 0.9 * target} or rows
-  return min(eligible, key=lambda n: eligible[n]["ngram_ppl"])
-
-
-def _verdict(rows: dict, winner: str, real: dict) -> dict:
+def _verdict(rows: dict, winner: str | None, real: dict) -> dict | None:
   """Does the winner beat unet_scratch on the n-gram judge outside the 95% intervals (None
-  without that row), and how far is it from real text under each judge."""
+  without that row), and how far is it from real text under each judge (None: no winner)."""
+  if winner is None:
+    return None
   w, u = rows[winner], rows.get("unet_scratch")
   return {"beats_unet_outside_ci": (None if u is None else
                                     bool(w["ngram_ppl_ci"][1] < u["ngram_ppl_ci"][0])),
@@ -303,20 +347,25 @@ def _verdict(rows: dict, winner: str, real: dict) -> dict:
 
 
 def summary(report: dict) -> str:
-  real = report["real_text"]
+  real, ro = report["real_text"], report["readout"]
+  ladder, target = ", ".join(f"{v:g}" for v in ro["betas"]), (
+      f"real text's entropy ({real['entropy']:.2f} nats ± {ENTROPY_TOL})")
+  how = (f"the largest of {ladder} at which every row and the oracle reach {target}"
+         if ro["all_matched"] else
+         f"no β of {ladder} brings every row and the oracle to {target}; this one brings the most")
   lines = [f"Bridge ablation at layer {report['layer']}: {report['budget']['steps']} steps x "
            f"{report['budget']['batch_size']} windows of {report['length']} tokens per row, "
-           f"{report['num']} samples; joint readout at the temperature matching real text's "
-           f"entropy ({real['entropy']:.2f} nats ± {ENTROPY_TOL}).", ""]
+           f"{report['num']} samples; joint readout at β = {ro['beta']:g} ({how}), T bisected "
+           "per row.", ""]
   header = ["row", "params", "T", "entropy", "gen PPL (self)", "n-gram PPL", "MAUVE", "spread",
-            "x0-MSE t=0.3", "recovery t=0.3", "n-gram (untuned T)", "n-gram (identity)"]
+            "x0-MSE t=0.3", "recovery t=0.3", "n-gram (untuned)", "n-gram (identity)"]
   table = [["real_text", "-", "-", _f(real["entropy"]), _ci(real, "gen_ppl"),
             _ci(real, "ngram_ppl"), _f(real.get("mauve")), "-", "-", "-", "-", "-"]]
   for name in ("joint", "identity"):
     o = report["oracle"][name]
-    table.append([f"oracle ({name}, true states)", "-", "-", _f(o["entropy"]),
-                  _ci(o, "gen_ppl"), _ci(o, "ngram_ppl"), _f(o.get("mauve")), "-", "-", "-", "-",
-                  f"{o['token_accuracy']:.1%} of tokens"])
+    table.append([f"oracle ({name}, true states)", "-", _f(o.get("temperature")),
+                  _f(o["entropy"]), _ci(o, "gen_ppl"), _ci(o, "ngram_ppl"), _f(o.get("mauve")),
+                  "-", "-", "-", "-", f"{o['token_accuracy']:.1%} of tokens"])
   for name, r in report["rows"].items():
     table.append([name + (" (winner)" if name == report["winner"] else ""), f"{r['params']:,}",
                   _f(r["temperature"]), _f(r["entropy"]), _ci(r, "gen_ppl"),
@@ -326,11 +375,24 @@ def summary(report: dict) -> str:
                   _ci(r["reads"]["identity"], "ngram_ppl")])
   lines.append(reports.markdown_table(header, table))
   v = report["verdict"]
-  beats = v["beats_unet_outside_ci"]
-  lines += ["", f"Winner {report['winner']}: n-gram PPL {v['ngram_vs_real']:.1f}x real text's, "
-            f"gen PPL {v['gen_ppl_vs_real']:.1f}x; beats unet_scratch outside the 95% "
-            f"intervals: {'n/a (no unet_scratch row)' if beats is None else beats}."]
+  if v is None:
+    lines += ["", "No winner: no row's entropy reaches 0.9x real text's at this β."]
+  else:
+    beats = v["beats_unet_outside_ci"]
+    lines += ["", f"Winner {report['winner']}: n-gram PPL {v['ngram_vs_real']:.1f}x real "
+              f"text's, gen PPL {v['gen_ppl_vs_real']:.1f}x; beats unet_scratch outside the 95% "
+              f"intervals: {'n/a (no unet_scratch row)' if beats is None else beats}."]
+  lines += ["", "Every β (n-gram PPL [95% interval] @ entropy, T; * = not entropy-matched):", ""]
+  by_beta = [["oracle (true states)"] + [_at(report["oracle"][beta_key(v)]) for v in ro["betas"]]]
+  by_beta += [[name] + [_at(r["reads"][beta_key(v)]) for v in ro["betas"]]
+              for name, r in report["rows"].items()]
+  lines.append(reports.markdown_table(["row"] + [f"β = {v:g}" for v in ro["betas"]], by_beta))
   return "\n".join(lines)
+
+
+def _at(read: dict) -> str:
+  return (f"{_ci(read, 'ngram_ppl')} @ {read['entropy']:.2f}, T {read['temperature']:.2f}"
+          + ("" if read["entropy_matched"] else " *"))
 
 
 def _f(v) -> str:
