@@ -260,8 +260,8 @@ def protocol_steps(config: ml_collections.ConfigDict) -> int:
   return max(1, int(round(config.sweep.epochs * (t.cache_windows // t.batch_size))))
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-  """The sweep's settings, before anything loads (settings.check)."""
+def check(config: ml_collections.ConfigDict) -> int:
+  """The sweep's settings, before anything loads (settings.check): the protocol's steps."""
   s, t = config.sweep, config.train
   if s.epochs <= 0 or s.seeds < 1 or s.eval_windows < 1:
     raise UserInputError(f"--config.sweep: epochs={s.epochs}, seeds={s.seeds}, eval_windows="
@@ -277,6 +277,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise UserInputError(f"--config.train.warmup_steps={t.warmup_steps}: not below the "
                          f"protocol's {steps} steps (sweep.epochs x cache_windows / batch_size)")
   fitted_weights(s.fitted_from)
+  return steps
 
 
 class Probe:
@@ -388,8 +389,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, layers: li
   if not layers or bad:
     raise UserInputError(f"--layers={','.join(map(str, layers))}: layer "
                          f"{bad[0] if bad else '(none)'} outside the trainable 0..{num_layers - 1}")
-  check(config)
-  steps = protocol_steps(config)
+  steps = check(config)
   fitted = fitted_weights(config.sweep.fitted_from)
   located, reran = ensure_locate(config, workdir, layers, num_layers, progress=progress)
   by_layer = {r["layer"]: r for r in located["layers"]}
@@ -467,14 +467,14 @@ def plot(report: dict, path):
   ax.grid(alpha=0.3)
   twin = ax.twinx()
   scored = [r for r in rows if r["score"] is not None]
-  for key, style, label in (("score", "s--", "score (weights)"),
-                            ("score_paper", "^:", "score (paper)")):
+  for key, style, color, label in (("score", "s--", "tab:orange", "score (weights)"),
+                                   ("score_paper", "^:", "tab:purple", "score (paper)")):
     s = np.array([r[key] for r in scored])
     if len(s):
       spread = np.ptp(s)
       twin.plot([r["layer"] for r in scored],
                 (s - s.min()) / spread if spread > 0 else np.full_like(s, 0.5), style,
-                label=label)
+                color=color, label=label)
   twin.set_ylabel("score, min-max scaled (higher = better)")
   twin.set_ylim(-0.05, 1.05)
   ax.axvline(report["selected_layer"], color="tab:red", ls="--", lw=1, label="locate ℓ*")
