@@ -110,6 +110,11 @@ def base() -> ml_collections.ConfigDict:
   # Weight of the auxiliary token loss: cross-entropy of the true tokens under the
   # current-token head applied to the x0 estimate (bridge/train_step.py); 0 = off.
   c.train.token_ce = 0.0
+  # Training times: "uniform" t ~ U(1e-3, 1), or "logit_normal": logit(t) ~ N(mean, std)
+  # (train.logit_normal = (mean, std)), which puts the steps on middle noise levels.
+  # Validation always draws uniform t, so losses compare across the two.
+  c.train.time_sampling = "uniform"
+  c.train.logit_normal = (0.0, 1.0)
   c.train.checkpoint_every = 200
   c.train.max_to_keep = 3
   c.train.log_every = 10

@@ -98,6 +98,10 @@ def _check_train(t) -> None:
         f"--config.train.cache_windows={t.cache_windows}: fewer than one batch of "
         f"train.batch_size={t.batch_size}")
   _need(t.val_windows >= 1, f"--config.train.val_windows={t.val_windows}: expected >= 1")
+  _need(t.time_sampling in ("uniform", "logit_normal"), f"--config.train.time_sampling="
+        f"{t.time_sampling!r}: expected uniform or logit_normal")
+  _need(len(t.logit_normal) == 2 and t.logit_normal[1] > 0, f"--config.train.logit_normal="
+        f"{tuple(t.logit_normal)}: expected (mean, std) with std > 0")
 
 
 def _check_eval(e, window: int) -> None:

@@ -13,13 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.special
+import scipy.stats
 from flax import nnx
 
 from dihal_jax.bridge.diffusion import DiffusionConfig
 from dihal_jax.bridge import diffusion
-from dihal_jax.bridge.train_step import (OptimConfig, TrainState, ema_decay_at,
-                                         init_train_state, learning_rate, make_optimizer,
-                                         make_train_step, sample_known_mask, train_step)
+from dihal_jax.bridge.train_step import (T_MIN, OptimConfig, TrainState, draw_corruption,
+                                         ema_decay_at, init_train_state, learning_rate,
+                                         make_optimizer, make_train_step, sample_known_mask,
+                                         train_step)
 from dihal_jax.bridge.unet import UNet, UNetConfig
 from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
@@ -142,6 +145,30 @@ def test_sample_known_mask_frequencies_and_shapes():
   # Prefix lengths uniform over 1..n-1: mean of known counts among prefix-like ≈ n/2 + ...
   lengths = masks.sum(1)
   assert lengths.max() == n and lengths.min() == 1
+
+
+def test_training_times_follow_the_chosen_distribution():
+  """t ~ U(T_MIN, 1) by default; logit(t) ~ N(mean, std) with logit_normal (KS tests)."""
+  x0 = jnp.zeros((20_000, 2, 1))
+  keys = jax.random.split(jax.random.key(3), 3)
+  t = np.asarray(draw_corruption(keys, x0)[0], np.float64)
+  assert scipy.stats.kstest(t, scipy.stats.uniform(T_MIN, 1 - T_MIN).cdf).pvalue > 1e-3
+  t = np.asarray(draw_corruption(keys, x0, (0.5, 0.8))[0], np.float64)
+  assert scipy.stats.kstest(scipy.special.logit(t), scipy.stats.norm(0.5, 0.8).cdf).pvalue > 1e-3
+  # The same test rejects the other distribution (it can fail).
+  assert scipy.stats.kstest(t, scipy.stats.uniform(T_MIN, 1 - T_MIN).cdf).pvalue < 1e-6
+  assert float(draw_corruption(keys, x0, (-30.0, 0.1))[0].min()) == pytest.approx(T_MIN)
+
+
+def test_the_train_step_draws_its_times_from_logit_normal(init_params):
+  """The jitted step uses logit_normal: its loss from the same state and key differs when the
+  times are pinned near 0 and near 1 (a tiny std)."""
+  mesh = make_mesh({"data": 1})
+  losses = {}
+  for where, mean in (("low", -12.0), ("high", 12.0)):
+    step = make_train_step(DIFF, OPTIM, mesh, DEFAULT_RULES, logit_normal=(mean, 1e-3))
+    losses[where] = float(step(_fresh(init_params), X0, KEY)[1]["loss"])
+  assert abs(losses["low"] - losses["high"]) > 1e-3 * max(losses.values()), losses
 
 
 @pytest.mark.slow

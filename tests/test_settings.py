@@ -39,6 +39,8 @@ def _cli(*args, timeout=900):
     ("sweep", ["--config.train.warmup_steps=-1"], "--config.train.warmup_steps=-1"),
     ("sample", ["--config.sample.beta=-0.5"], "--config.sample.beta=-0.5: expected >= 0"),
     ("ablate", ["--config.ablate.betas=(1.0,-0.3)"], "--config.ablate.betas=(1.0, -0.3)"),
+    ("train", ["--config.train.time_sampling=cosine"], "--config.train.time_sampling='cosine'"),
+    ("train", ["--config.train.logit_normal=(0.0,0.0)"], "--config.train.logit_normal=(0.0, 0.0)"),
     ("train", ["--config.bridge.denoiser=mlp"], "--config.bridge.denoiser='mlp'"),
     ("train", ["--config.bridge.init=pretrained"], "--config.bridge.init='pretrained'"),
     ("train", ["--config.bridge.layer=1", "--config.bridge.denoiser=transformer",

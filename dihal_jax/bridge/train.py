@@ -117,7 +117,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   state = init_train_state(model, make_optimizer(optim_cfg))
   step_fn = make_train_step(diffusion_cfg, optim_cfg, mesh, rules,
                             self_condition_prob=t.self_condition_prob, token_ce=t.token_ce,
-                            token_head=token_head)
+                            token_head=token_head, logit_normal=time_distribution(t))
   batches = iter(hidden.cached_batches(caches["train"], layer, batch_size=t.batch_size,
                                        seed=config.seed, shard_index=jax.process_index(),
                                        shard_count=jax.process_count()))
@@ -146,6 +146,13 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           "interrupted": result.interrupted,
           "cache": {k: str(v) for k, v in caches.items()},
           "timings": {"setup_s": setup_s, "total_s": time.perf_counter() - t0}}
+
+
+def time_distribution(t: ml_collections.ConfigDict) -> tuple[float, float] | None:
+  """train.time_sampling as `draw_corruption`'s logit_normal argument (None: uniform)."""
+  if t.time_sampling == "uniform":
+    return None
+  return float(t.logit_normal[0]), float(t.logit_normal[1])
 
 
 def _val_loss_fn(state, diffusion_cfg, key):

@@ -218,13 +218,20 @@ def token_loss(x0_hat: jax.Array, tokens: jax.Array, unknown_mask: jax.Array,
   return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def draw_corruption(keys, x0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def draw_corruption(keys, x0: jax.Array, logit_normal: tuple[float, float] | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(t [B], known_mask [B, n], noise [B, n, d]): the training distribution's draws for clean
-  windows x0 [B, n, d] -- t ~ U(T_MIN, 1), `sample_known_mask`, ε ~ N(0, I).
+  windows x0 [B, n, d] -- t ~ U(T_MIN, 1), or with logit_normal = (mean, std) logit(t) ~
+  N(mean, std) clipped to [T_MIN, 1) (SD3's time sampling); `sample_known_mask`; ε ~ N(0, I).
   keys: (k_t, k_mask, k_noise)."""
   k_t, k_mask, k_noise = keys
   b, n, _ = x0.shape
-  t = jax.random.uniform(k_t, (b,), jnp.float32, T_MIN, 1.0)
+  if logit_normal is None:
+    t = jax.random.uniform(k_t, (b,), jnp.float32, T_MIN, 1.0)
+  else:
+    mean, std = logit_normal
+    t = jnp.maximum(jax.nn.sigmoid(mean + std * jax.random.normal(k_t, (b,), jnp.float32)),
+                    T_MIN)
   return t, sample_known_mask(k_mask, b, n), jax.random.normal(k_noise, x0.shape, jnp.float32)
 
 
@@ -266,7 +273,9 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
                optim_cfg: OptimConfig,
                self_condition_prob: float = 0.5,
                label_dropout: float = 0.1,
-               token_ce: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               token_ce: float = 0.0,
+               logit_normal: tuple[float, float] | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW step on the diffusion loss (un-jitted; see `make_train_step`).
 
   Args:
@@ -285,6 +294,8 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
     label_dropout: see `labels`.
     tokens, head, token_ce: [B, n] the windows' tokens, the current-token head (see
       `token_loss`) and the weight of the token loss (0 = off; then both may be None).
+    logit_normal: (mean, std) of logit(t) for the training times (None: uniform t); see
+      `draw_corruption`.
   Returns:
     (new state, {"loss": total, "mse": the diffusion loss, "token_ce": the token loss (0 when
     off), "grad_norm": before clipping}).
@@ -294,7 +305,7 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
   x0 = jnp.asarray(batch_x0, jnp.float32)
   k_t, k_mask, k_noise, k_drop, k_sc, k_label = jax.random.split(
       jax.random.fold_in(key, state.step), 6)
-  t, known_mask, noise = draw_corruption((k_t, k_mask, k_noise), x0)
+  t, known_mask, noise = draw_corruption((k_t, k_mask, k_noise), x0, logit_normal)
   use = jax.random.bernoulli(k_sc, self_condition_prob, (b,))
   if labels is not None:
     chex.assert_shape(labels, (b,))
@@ -335,7 +346,8 @@ def jit_train_step(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
                    diffusion_cfg: diffusion.DiffusionConfig,
                    optimizer: optax.GradientTransformation, optim_cfg: OptimConfig, *,
                    labels: bool = False, self_condition_prob: float = 0.5,
-                   label_dropout: float = 0.1, token_ce: float = 0.0):
+                   label_dropout: float = 0.1, token_ce: float = 0.0,
+                   logit_normal: tuple[float, float] | None = None):
   """(`train_step` jitted for `mesh`, the state's shardings): called as (state, batch
   [B, n, d], key, labels, tokens, head), the batch split over the batch axes, labels (when
   `labels`) too, tokens and head only with token_ce > 0; the state is donated. The one
@@ -345,7 +357,8 @@ def jit_train_step(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
   shardings = state_shardings(state, mesh, rules, optimizer)
   fn = functools.partial(train_step, diffusion_cfg=diffusion_cfg, optimizer=optimizer,
                          optim_cfg=optim_cfg, self_condition_prob=self_condition_prob,
-                         label_dropout=label_dropout, token_ce=token_ce)
+                         label_dropout=label_dropout, token_ce=token_ce,
+                         logit_normal=logit_normal)
   jitted = jax.jit(fn, in_shardings=(shardings, x_sharding, replicated,
                                      batch_sharding(mesh, rules, 1) if labels else None,
                                      batch_sharding(mesh, rules, 2) if token_ce else None,
@@ -357,10 +370,12 @@ def jit_train_step(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
 def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimConfig,
                     mesh: jax.sharding.Mesh, rules: Rules, *, self_condition_prob: float = 0.5,
                     label_dropout: float = 0.1, token_ce: float = 0.0,
-                    token_head: dict | None = None):
+                    token_head: dict | None = None,
+                    logit_normal: tuple[float, float] | None = None):
   """A callable (state, batch [B, n, d], key, labels=None, tokens=None) -> (new state,
   metrics), jitted once. With token_ce > 0, `token_head` (see `token_loss`) is placed
-  replicated once and every call needs the batch's tokens [B, n].
+  replicated once and every call needs the batch's tokens [B, n]. logit_normal: see
+  `draw_corruption` (None: uniform training times).
 
   The first call fixes the state's shardings (`state_shardings`); a state not
   placed there yet (fresh or restored) is moved once (checked on one leaf: a
@@ -385,7 +400,7 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
       compiled["fn"], compiled["shardings"] = jit_train_step(
           state, mesh, rules, diffusion_cfg, optimizer, optim_cfg, labels=labels is not None,
           self_condition_prob=self_condition_prob, label_dropout=label_dropout,
-          token_ce=token_ce)
+          token_ce=token_ce, logit_normal=logit_normal)
     first = jax.tree.leaves(state.params)[0]
     if getattr(first, "sharding", None) != jax.tree.leaves(compiled["shardings"].params)[0]:
       state = put_global(state, compiled["shardings"])  # ~1,200 leaves: only when needed

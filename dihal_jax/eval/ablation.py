@@ -6,6 +6,7 @@ rate and sampler; only the denoiser, its initialization and the token loss diffe
   transformer_scratch          m blocks of the backbone's architecture, random init
   transformer_backbone         the same blocks copied from the backbone (ℓ+1..ℓ+m)
   transformer_backbone_ce      ... plus the auxiliary token loss (train.token_ce)
+  unet_logit_normal            unet_scratch trained at logit-normal times (train.logit_normal)
 Each bridge trains into workdir/NAME (resumable: an interrupted ablation restarts where
 it stopped; finished rows are reused). `ablate.rows` picks a subset (e.g. the winner
 alone at another layer, for the ℓ* vs ℓ = 0 comparison).
@@ -62,6 +63,8 @@ ROWS = {
                              "train.token_ce": 0.0},
     "transformer_backbone_ce": {"bridge.denoiser": "transformer", "bridge.init": "backbone",
                                 "train.token_ce": None},  # None: the config's train.token_ce
+    "unet_logit_normal": {"bridge.denoiser": "unet", "bridge.init": "scratch",
+                          "train.token_ce": 0.0, "train.time_sampling": "logit_normal"},
 }
 ENTROPY_TOL = 0.1  # nats
 T_RANGE = (0.05, 4.0)  # the bisection's bracket
@@ -242,6 +245,7 @@ def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.C
   return {
       "denoiser": bridge.kind, "init": train_cfg.bridge.init,
       "token_ce": float(train_cfg.train.token_ce), "tolerant_decoder": False,
+      "time_sampling": train_cfg.train.time_sampling,
       "readout": "joint", "params": bridge.params_count, "steps": bridge.step,
       "batch_size": train_cfg.train.batch_size, "lr": train_cfg.train.lr,
       "spread_ratio": metrics.spread_ratio(gen_z, real_z),
