@@ -135,6 +135,14 @@ def test_first_config_difference():
   assert first_config_difference(stored, dict(now, seed=1), sections=["seed", "bridge"]) == (
       "seed", 0, 1)
   assert first_config_difference(stored, now) == ("mesh_presets", "<absent>", {})
+  # A checkpoint written before train.time_sampling existed ran uniform times: it resumes at
+  # uniform, and not at logit_normal.
+  old = {"train": {"lr": 1e-3}}
+  assert first_config_difference(old, {"train": {"lr": 1e-3, "time_sampling": "uniform",
+                                                 "logit_normal": (0.0, 1.0)}}) is None
+  assert first_config_difference(old, {"train": {"lr": 1e-3, "time_sampling": "logit_normal",
+                                                 "logit_normal": (0.0, 1.0)}}) == (
+      "train.time_sampling", "uniform", "logit_normal")
 
 
 def test_dihal_train_checks_only_the_state_sections():

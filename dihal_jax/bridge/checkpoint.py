@@ -59,6 +59,10 @@ from dihal_jax.errors import UserInputError
 log = logging.getLogger(__name__)
 
 _ABSENT = "<absent>"
+# Config fields added after checkpoints were first written, with the value a checkpoint that
+# predates a field ran at (its default, the old behaviour): such a checkpoint still resumes
+# when the run keeps that value.
+FIELDS_ADDED = {"train.time_sampling": "uniform", "train.logit_normal": [0.0, 1.0]}
 
 
 def _json_normal(obj: Any) -> Any:
@@ -81,9 +85,11 @@ def first_config_difference(stored: dict, current: dict, ignore_fields: Sequence
                             ) -> tuple[str, Any, Any] | None:
   """(dotted field path, stored value, current value) of the first difference, or None.
 
-  Only fields under `sections` (all when None) count, minus `ignore_fields`.
+  Only fields under `sections` (all when None) count, minus `ignore_fields`. A field of
+  FIELDS_ADDED that `stored` lacks holds the value it ran at.
   """
   a, b = _flatten(_json_normal(stored)), _flatten(_json_normal(current))
+  a = {**{k: v for k, v in FIELDS_ADDED.items() if k in b}, **a}
   for path in sorted(set(a) | set(b)):
     if _ignored(path, ignore_fields) or (
         sections is not None and not _ignored(path, sections)):

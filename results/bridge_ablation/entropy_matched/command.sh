@@ -1,5 +1,5 @@
 #!/bin/bash
-# The bridge ablation's two leading rows re-judged at matched entropy (results/bridge_ablation/
+# The bridge ablation's two leading rows and unet_logit_normal judged at matched entropy (results/bridge_ablation/
 # entropy_matched): the same bridges and protocol as ../command.sh, read by `joint` at every β of
 # ablate.betas with T bisected to real text's entropy. Resumable: rerun the same command.
 cd "$(dirname "$0")/../../.."
@@ -10,4 +10,4 @@ exec python -m dihal_jax.cli ablate --config=configs/smollm2_135m.py \
   --config.train.checkpoint_every=200 --config.train.val_every=200 --config.train.token_ce=0.1 \
   --config.bridge.unet.self_condition=True --config.sample.steps=50 --config.eval.num=128 \
   --config.sample.batch=32 "--config.eval.noise_levels=(0.3,)" \
-  --config.ablate.rows=unet_scratch,transformer_backbone "--config.ablate.betas=(1.0,0.3,0.1)"
+  --config.ablate.rows=unet_scratch,transformer_backbone,unet_logit_normal "--config.ablate.betas=(1.0,0.3,0.1)"
