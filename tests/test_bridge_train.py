@@ -164,8 +164,14 @@ def jax_leaves(tree):
 def test_tensorboard_events_hold_the_metrics_jsonl_scalars(uninterrupted):
   _, run_a = uninterrupted
   scalars = _tensorboard_scalars(run_a)
-  assert {tag for tag, _ in scalars} >= {"loss", "val_loss", "lr", "step_time_s", "tokens_per_s"}
+  assert {tag for tag, _ in scalars} >= {"loss", "val_loss", "lr", "step_time_s", "tokens_per_s",
+                                         "tflop_per_s"}
   assert scalars == _metrics_as_scalars(run_a)
+  # Achieved TFLOP/s = one fixed FLOP count per step / the step's time.
+  rows = [json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()]
+  flops = [r["tflop_per_s"] * r["step_time_s"] * 1e12 for r in rows]
+  np.testing.assert_allclose(flops, flops[0], rtol=1e-9)
+  assert flops[0] > 0
 
 
 def test_sigterm_saves_and_exits_0_then_resumes(uninterrupted):

@@ -21,8 +21,8 @@ from dihal_jax.bridge.diffusion import DiffusionConfig
 from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.train_step import (T_MIN, OptimConfig, TrainState, draw_corruption,
                                          ema_decay_at, init_train_state, learning_rate,
-                                         make_optimizer, make_train_step, sample_known_mask,
-                                         train_step)
+                                         lowered_flops, make_optimizer, make_train_step,
+                                         sample_known_mask, train_step)
 from dihal_jax.bridge.unet import UNet, UNetConfig
 from dihal_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
@@ -145,6 +145,26 @@ def test_sample_known_mask_frequencies_and_shapes():
   # Prefix lengths uniform over 1..n-1: mean of known counts among prefix-like ≈ n/2 + ...
   lengths = masks.sum(1)
   assert lengths.max() == n and lengths.min() == 1
+
+
+def test_lowered_flops_counts_a_matmul_as_2mkn():
+  a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+  assert lowered_flops(jax.jit(jnp.matmul), a, b) == 2 * 64 * 32 * 16
+  # Two matmuls chained: the counts add.
+  c = jnp.ones((16, 8))
+  assert lowered_flops(jax.jit(lambda a, b, c: a @ b @ c), a, b, c) == (
+      2 * 64 * 32 * 16 + 2 * 64 * 16 * 8)
+
+
+def test_the_train_step_knows_its_flops_after_its_first_call(init_params):
+  step = make_train_step(DIFF, OPTIM, make_mesh({"data": 1}), DEFAULT_RULES)
+  assert step.flops() is None
+  step(_fresh(init_params), X0, KEY)
+  # At least the forward's and the backward's matmuls: more than twice the UNet's forward.
+  graphdef, params = init_params
+  forward = lowered_flops(jax.jit(lambda s, x, t: nnx.merge(graphdef, s)(
+      x, t, jnp.zeros(x.shape[:2], bool), jnp.zeros_like(x))), params, X0, jnp.full((B,), 0.5))
+  assert step.flops() > 2 * forward > 0
 
 
 def test_training_times_follow_the_chosen_distribution():

@@ -140,7 +140,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
       validate=lambda state: val_loss_fn(state, val_x0), optim_cfg=optim_cfg,
       cadence=Cadence(t.steps, t.log_every, t.val_every, t.checkpoint_every, t.max_to_keep),
       checkpoint_config=config.to_dict(), sections=STATE_SECTIONS,
-      resumable_changes=RESUMABLE_CHANGES, extra=extra, desc="train", progress=progress)
+      resumable_changes=RESUMABLE_CHANGES, extra=extra, desc="train", flops=step_fn.flops,
+      progress=progress)
   return {"layer": layer, "steps": result.done, "start_step": result.start,
           "final": result.rows[-1] if result.rows else None,
           "interrupted": result.interrupted,

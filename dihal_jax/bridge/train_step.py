@@ -342,6 +342,17 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
   return state.replace(params=params, rest=rest, opt_state=opt, ema=params, step=replicated)
 
 
+def lowered_flops(jitted, *args) -> float | None:
+  """XLA's count of the floating-point operations of one call of `jitted` on `args` (a
+  matmul of [m, k] by [k, n] counts 2mkn), read from the lowered program without
+  compiling it; None where the backend gives no count. Arrays in `args` are not used."""
+  cost = jitted.lower(*args).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
 def jit_train_step(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
                    diffusion_cfg: diffusion.DiffusionConfig,
                    optimizer: optax.GradientTransformation, optim_cfg: OptimConfig, *,
@@ -373,7 +384,7 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
                     token_head: dict | None = None,
                     logit_normal: tuple[float, float] | None = None):
   """A callable (state, batch [B, n, d], key, labels=None, tokens=None) -> (new state,
-  metrics), jitted once. With token_ce > 0, `token_head` (see `token_loss`) is placed
+  metrics), jitted once; its `flops()` is the step's XLA FLOP count once it has run. With token_ce > 0, `token_head` (see `token_loss`) is placed
   replicated once and every call needs the batch's tokens [B, n]. logit_normal: see
   `draw_corruption` (None: uniform training times).
 
@@ -396,7 +407,8 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
   compiled = {}
 
   def step(state: TrainState, batch, key, labels=None, tokens=None):
-    if "fn" not in compiled:
+    new = "fn" not in compiled
+    if new:
       compiled["fn"], compiled["shardings"] = jit_train_step(
           state, mesh, rules, diffusion_cfg, optimizer, optim_cfg, labels=labels is not None,
           self_condition_prob=self_condition_prob, label_dropout=label_dropout,
@@ -414,6 +426,9 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
                                                       np.asarray(tokens, np.int32))
     else:
       tokens = None
+    if new:  # before the call, which donates the state
+      compiled["flops"] = lowered_flops(compiled["fn"], state, batch, key, labels, tokens, head)
     return compiled["fn"](state, batch, key, labels, tokens, head)
 
+  step.flops = lambda: compiled.get("flops")  # the step's FLOPs, known after the first call
   return step

@@ -3,8 +3,8 @@ checkpoint, stop.
 
 Resume: the latest readable checkpoint (the state's `checkpoint_items()`, its step and the
 batch iterator's position) replaces the fresh state; metrics.jsonl loses rows past it.
-Each step appends {"step", the step's metrics, "lr", "step_time_s", "tokens_per_s"} every
-`log_every` steps, plus "val_loss" every `val_every` steps and at the end. The same rows go
+Each step appends {"step", the step's metrics, "lr", "step_time_s", "tokens_per_s" and,
+where the step's program has an XLA FLOP count, "tflop_per_s"} every `log_every` steps, plus "val_loss" every `val_every` steps and at the end. The same rows go
 to a TensorBoard event file beside metrics.jsonl (`ScalarEvents`, process 0), flushed at each
 checkpoint and at the end; each run writes a new file that hides the older files' steps past
 its start, as metrics.jsonl drops its rows. SIGTERM finishes the step, saves and returns
@@ -91,12 +91,14 @@ def run_loop(state: TrainState, *, workdir: Path, batches: Iterator,
              validate: Callable[[TrainState], Any], optim_cfg: OptimConfig, cadence: Cadence,
              checkpoint_config: dict, sections: tuple[str, ...],
              resumable_changes: tuple[str, ...], extra: dict, desc: str,
+             flops: Callable[[], float | None] = lambda: None,
              progress: bool = True) -> LoopResult:
   """Trains `state` to `cadence.steps` in `workdir` (checkpoints/, metrics.jsonl, loss.png).
 
   `step(state, batch) -> (state, metrics {name: scalar, "loss" among them}, tokens in the
   batch)`; `validate(state) -> loss`. `checkpoint_config`, `sections`, `resumable_changes`:
   what a resume checks (bridge/checkpoint.py); `extra`: JSON saved beside each checkpoint.
+  `flops() -> the step's FLOPs` (None: unknown) gives the achieved TFLOP/s of each step.
   """
   checkpointer = BridgeCheckpointer(workdir / "checkpoints", save_every=cadence.checkpoint_every,
                                     max_to_keep=cadence.max_to_keep, config=checkpoint_config,
@@ -130,6 +132,8 @@ def run_loop(state: TrainState, *, workdir: Path, batches: Iterator,
         row = {"step": done, **{k: float(v) for k, v in metrics.items()},
                "lr": float(learning_rate(optim_cfg, done)), "step_time_s": seconds,
                "tokens_per_s": tokens / seconds}
+        if flops() is not None:
+          row["tflop_per_s"] = flops() / seconds / 1e12
         if done % cadence.val_every == 0 or done == last:
           row["val_loss"] = float(validate(state))
         if done % cadence.log_every == 0 or "val_loss" in row or done == last:

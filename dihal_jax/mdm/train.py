@@ -35,7 +35,8 @@ from dihal_jax.backbone import checkpoint as backbone_checkpoint
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge.checkpoint import read_latest
 from dihal_jax.bridge.train_step import (OptimConfig, TrainState, apply_gradients,
-                                         init_train_state, make_optimizer, state_shardings)
+                                         init_train_state, lowered_flops, make_optimizer,
+                                         state_shardings)
 from dihal_jax.bridge.training_loop import Cadence, run_loop
 from dihal_jax.data.dataset import Data
 from dihal_jax.errors import UserInputError
@@ -148,7 +149,8 @@ def train_step(state: TrainState, tokens: jax.Array, key: jax.Array, *, mask_id:
 def make_train_step(mesh: jax.sharding.Mesh, rules, optim_cfg: OptimConfig, *, mask_id: int,
                     shift: bool, anneal_steps: int):
   """(state, tokens [B, T] this process's rows, key) -> (new state, metrics), jitted once with
-  the bridge's state shardings; the state is donated."""
+  the bridge's state shardings; the state is donated. Its `flops()` is the step's XLA FLOP
+  count once it has run."""
   optimizer = make_optimizer(optim_cfg)
   fn = functools.partial(train_step, mask_id=mask_id, shift=shift, anneal_steps=anneal_steps,
                          optimizer=optimizer, optim_cfg=optim_cfg)
@@ -157,7 +159,8 @@ def make_train_step(mesh: jax.sharding.Mesh, rules, optim_cfg: OptimConfig, *, m
   compiled = {}
 
   def step(state: TrainState, tokens, key):
-    if "fn" not in compiled:
+    new = "fn" not in compiled
+    if new:
       shardings = compiled["shardings"] = state_shardings(state, mesh, rules, optimizer)
       compiled["fn"] = jax.jit(fn, in_shardings=(shardings, token_sharding, replicated),
                                out_shardings=(shardings, replicated), donate_argnums=(0,))
@@ -165,8 +168,12 @@ def make_train_step(mesh: jax.sharding.Mesh, rules, optim_cfg: OptimConfig, *, m
     if getattr(first, "sharding", None) != jax.tree.leaves(compiled["shardings"].params)[0]:
       state = put_global(state, compiled["shardings"])
     tokens = jax.make_array_from_process_local_data(token_sharding, np.asarray(tokens, np.int32))
-    return compiled["fn"](state, tokens, put_global(key, replicated))
+    key = put_global(key, replicated)
+    if new:  # before the call, which donates the state
+      compiled["flops"] = lowered_flops(compiled["fn"], state, tokens, key)
+    return compiled["fn"](state, tokens, key)
 
+  step.flops = lambda: compiled.get("flops")
   return step
 
 
@@ -223,7 +230,7 @@ def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
       checkpoint_config=config.to_dict(), sections=STATE_SECTIONS,
       resumable_changes=RESUMABLE_CHANGES,
       extra={"mask_id": mask_id, "shift": bool(m.shift), "window": config.data.window},
-      desc="mdm", progress=progress)
+      desc="mdm", flops=step_fn.flops, progress=progress)
   return {"steps": result.done, "total_steps": steps, "start_step": result.start,
           "mask_id": mask_id, "mask_token": data.tokenizer.convert_ids_to_tokens(mask_id),
           "shift": bool(m.shift), "anneal_steps": int(m.anneal_steps),
