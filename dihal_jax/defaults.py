@@ -89,6 +89,10 @@ def base() -> ml_collections.ConfigDict:
   # ℓ+1..ℓ+m of the backbone (transformer.first_block: another start, 1-based), "scratch" not.
   c.bridge.denoiser = "unet"
   c.bridge.init = "scratch"
+  # Compute dtype of the denoiser's matmuls, convs and attention: "float32" or "bfloat16"
+  # (parameters, norms, softmax, the residual stream, the loss and the optimizer state stay
+  # float32).
+  c.bridge.dtype = "float32"
   c.bridge.transformer = ml_collections.ConfigDict(dict(  # bridge/transformer.py
       blocks=4, first_block=0, time_dim=128, self_condition=True))
   c.bridge.unet = ml_collections.ConfigDict(dict(  # bridge/unet.py::UNetConfig

@@ -40,6 +40,7 @@ def _cli(*args, timeout=900):
     ("sample", ["--config.sample.beta=-0.5"], "--config.sample.beta=-0.5: expected >= 0"),
     ("ablate", ["--config.ablate.betas=(1.0,-0.3)"], "--config.ablate.betas=(1.0, -0.3)"),
     ("train", ["--config.train.time_sampling=cosine"], "--config.train.time_sampling='cosine'"),
+    ("train", ["--config.bridge.dtype=float16"], "--config.bridge.dtype='float16'"),
     ("train", ["--config.train.logit_normal=(0.0,0.0)"], "--config.train.logit_normal=(0.0, 0.0)"),
     ("train", ["--config.bridge.denoiser=mlp"], "--config.bridge.denoiser='mlp'"),
     ("train", ["--config.bridge.init=pretrained"], "--config.bridge.init='pretrained'"),

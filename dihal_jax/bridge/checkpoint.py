@@ -62,7 +62,8 @@ _ABSENT = "<absent>"
 # Config fields added after checkpoints were first written, with the value a checkpoint that
 # predates a field ran at (its default, the old behaviour): such a checkpoint still resumes
 # when the run keeps that value.
-FIELDS_ADDED = {"train.time_sampling": "uniform", "train.logit_normal": [0.0, 1.0]}
+FIELDS_ADDED = {"train.time_sampling": "uniform", "train.logit_normal": [0.0, 1.0],
+                "bridge.dtype": "float32"}
 
 
 def _json_normal(obj: Any) -> Any:

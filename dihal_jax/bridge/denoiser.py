@@ -16,6 +16,7 @@ The checkpoint's `extra["denoiser"]` records the kind and the blocks' architectu
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -29,6 +30,7 @@ from dihal_jax.errors import UserInputError
 
 DENOISERS = ("unet", "transformer")
 INITS = ("scratch", "backbone")
+DTYPES = ("float32", "bfloat16")
 
 
 def _bridge(config) -> dict:
@@ -73,6 +75,9 @@ def validate(config, num_layers: int, layer: int) -> None:
   if bridge.get("init", "scratch") not in INITS:
     raise UserInputError(f"--config.bridge.init={bridge['init']!r}: expected one of "
                          f"{', '.join(INITS)}")
+  if bridge.get("dtype", "float32") not in DTYPES:
+    raise UserInputError(f"--config.bridge.dtype={bridge['dtype']!r}: expected one of "
+                         f"{', '.join(DTYPES)}")
   if kind(bridge) != "transformer":
     return
   m = int(bridge["transformer"]["blocks"])
@@ -93,11 +98,12 @@ def build(config, dim: int, norm: Normalizer, *, seed: int, backbone: Decoder | 
   architecture from `backbone` (and, with init=backbone, its blocks) or from `block_cfg`."""
   bridge = _bridge(config)
   rngs = nnx.Rngs(seed)
+  dtype = jnp.dtype(bridge.get("dtype", "float32"))  # bridges saved before the choice: float32
   if kind(bridge) == "unet":
-    return UNet(dim, unet_config(bridge["unet"]), rngs=rngs)
+    return UNet(dim, unet_config(bridge["unet"]), dtype=dtype, rngs=rngs)
   block_cfg = backbone.cfg if backbone is not None else block_cfg
   model = TransformerDenoiser(block_cfg, transformer_config(bridge["transformer"]), norm,
-                              rngs=rngs)
+                              dtype=dtype, rngs=rngs)
   if bridge.get("init") == "backbone" and backbone is not None:
     model.load_blocks(backbone, first_block(bridge, layer))
   return model

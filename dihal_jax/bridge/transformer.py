@@ -65,7 +65,7 @@ class TransformerDenoiser(nnx.Module):
   """Bidirectional backbone blocks with adaLN-zero time conditioning (module docstring)."""
 
   def __init__(self, block_cfg: BackboneConfig, cfg: TransformerConfig, norm: Normalizer, *,
-               rngs: nnx.Rngs):
+               dtype=jnp.float32, rngs: nnx.Rngs):
     d = block_cfg.hidden_size
     if len(norm.mean) != d:
       raise ValueError(f"TransformerDenoiser: normalizer of width {len(norm.mean)} vs blocks of "
@@ -75,7 +75,7 @@ class TransformerDenoiser(nnx.Module):
     self.mean = Constant(jnp.asarray(norm.mean, jnp.float32))
     # h = z @ to_backbone + mean, to_backbone = diag(scale) Bᵀ (Normalizer.inverse).
     self.to_backbone = Constant(jnp.asarray(norm.scale[:, None] * basis.T, jnp.float32))
-    kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.blocks = nnx.List([Block(block_cfg, **kw) for _ in range(cfg.blocks)])
     self.time_in = linear(cfg.time_dim, cfg.time_dim, ("time_embed", "time_embed_out"), **kw)
     self.time_out = linear(cfg.time_dim, cfg.time_dim, ("time_embed", "time_embed_out"), **kw)
@@ -101,7 +101,8 @@ class TransformerDenoiser(nnx.Module):
     del deterministic  # no dropout
     if labels is not None:
       raise ValueError("TransformerDenoiser: class labels are not supported (UNet only)")
-    return self.out(self.out_norm(self.trunk(x_t, t, known_mask, known, x0_prev)))
+    out = self.out(self.out_norm(self.trunk(x_t, t, known_mask, known, x0_prev)))
+    return out.astype(jnp.float32)
 
   def trunk(self, x_t, t, known_mask, known, x0_prev=None) -> jax.Array:
     """The blocks' output [B, n, d] in backbone units, before the output head."""
