@@ -51,7 +51,7 @@ from dihal_jax.eval.evaluate import evaluation_sets
 from dihal_jax.eval.judges import Judges
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.hybrid.readout import Readout
-from dihal_jax.hybrid.sample import current_token_head, readout_config
+from dihal_jax.hybrid.sample import current_token_head
 from dihal_jax.overrides import overridden
 from dihal_jax.parallel.sharding import mesh_and_rules
 
@@ -177,8 +177,9 @@ def beta_key(beta: float) -> str:
 
 
 def matched_joint_reads(b: Bench, states: np.ndarray, head, key) -> dict[float, tuple]:
-  """{β: (T, tokens, matched)} of the joint readout of `states`, entropy-matched at every β
-  of the ladder; the scores of one β are sorted once and drawn at every T of its bisection."""
+  """{β: (T, tokens, matched, read)} of the joint readout of `states`, entropy-matched at
+  every β of the ladder (`read(T)` draws at any other T); the scores of one β are sorted
+  once and drawn at every T of its bisection."""
   read_key, out = jax.random.fold_in(key, READ_STREAM), {}
   for beta in betas(b.config):
     scores = [b.reader.joint_scores(states[j:j + b.batch], head, beta)
