@@ -384,9 +384,10 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
                     token_head: dict | None = None,
                     logit_normal: tuple[float, float] | None = None):
   """A callable (state, batch [B, n, d], key, labels=None, tokens=None) -> (new state,
-  metrics), jitted once; its `flops()` is the step's XLA FLOP count once it has run. With token_ce > 0, `token_head` (see `token_loss`) is placed
-  replicated once and every call needs the batch's tokens [B, n]. logit_normal: see
-  `draw_corruption` (None: uniform training times).
+  metrics), jitted once; its `flops()` is the step's XLA FLOP count once it has run. With
+  token_ce > 0, `token_head` (see `token_loss`) is placed replicated once and every call
+  needs the batch's tokens [B, n]. logit_normal: see `draw_corruption` (None: uniform
+  training times).
 
   The first call fixes the state's shardings (`state_shardings`); a state not
   placed there yet (fresh or restored) is moved once (checked on one leaf: a

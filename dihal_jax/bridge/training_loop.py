@@ -4,8 +4,9 @@ checkpoint, stop.
 Resume: the latest readable checkpoint (the state's `checkpoint_items()`, its step and the
 batch iterator's position) replaces the fresh state; metrics.jsonl loses rows past it.
 Each step appends {"step", the step's metrics, "lr", "step_time_s", "tokens_per_s" and,
-where the step's program has an XLA FLOP count, "tflop_per_s"} every `log_every` steps, plus "val_loss" every `val_every` steps and at the end. The same rows go
-to a TensorBoard event file beside metrics.jsonl (`ScalarEvents`, process 0), flushed at each
+where the step's program has an XLA FLOP count, "tflop_per_s"} every `log_every` steps,
+plus "val_loss" every `val_every` steps and at the end. The same rows go to a TensorBoard
+event file beside metrics.jsonl (`ScalarEvents`, process 0), flushed at each
 checkpoint and at the end; each run writes a new file that hides the older files' steps past
 its start, as metrics.jsonl drops its rows. SIGTERM finishes the step, saves and returns
 (`interrupted`). A non-finite loss raises `TrainingStopped` naming the step; the last good
