@@ -133,8 +133,9 @@ def run_loop(state: TrainState, *, workdir: Path, batches: Iterator,
         row = {"step": done, **{k: float(v) for k, v in metrics.items()},
                "lr": float(learning_rate(optim_cfg, done)), "step_time_s": seconds,
                "tokens_per_s": tokens / seconds}
-        if flops() is not None:
-          row["tflop_per_s"] = flops() / seconds / 1e12
+        step_flops = flops()
+        if step_flops is not None:
+          row["tflop_per_s"] = step_flops / seconds / 1e12
         if done % cadence.val_every == 0 or done == last:
           row["val_loss"] = float(validate(state))
         if done % cadence.log_every == 0 or "val_loss" in row or done == last:
