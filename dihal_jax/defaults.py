@@ -219,6 +219,9 @@ def base() -> ml_collections.ConfigDict:
   c.dglm.scale = 10.0  # classifier-guidance strength of the dglm_guided rows
   c.dglm.scale_sweep = (3.0, 30.0, 100.0)  # extra strengths for the first target
   c.dglm.targets = "book=moby_dick,book=austen,speech=dialogue,book=moby_dick+speech=dialogue"
+  c.dglm.bridge_steps = 800  # DiHAL's labelled bridge (rows dihal, dihal_cfg/T); 0 = none
+  c.dglm.bridge_guidance = 3.0  # its classifier-free guidance weight w
+  c.dglm.bridge_label_dropout = 0.2  # each attribute of a training label dropped with this p
   c.dglm.num = 64  # test prefixes per row (half from each of the first two books)
   c.dglm.temperature = 1.0
   c.dglm.top_p = 0.95

@@ -18,7 +18,9 @@ TARGETS = ("book=b", "book=b+speech=dialogue")
 TINY = ("--config.dglm.targets=" + ",".join(TARGETS), "--config.dglm.train_windows=200", "--config.dglm.test_windows=40",
         "--config.dglm.steps=6", "--config.dglm.denoiser_steps=20", "--config.dglm.num=16",
         "--config.dglm.sampler_steps=5", "--config.dglm.checkpoint_every=3",
-        "--config.dglm.scale_sweep=(1.0,)", "--config.dglm.width=64", "--config.dglm.hidden=64")
+        "--config.dglm.scale_sweep=(1.0,)", "--config.dglm.width=64", "--config.dglm.hidden=64",
+        "--config.dglm.bridge_steps=6", "--config.train.warmup_steps=2", "--config.bridge.layer=1",
+        "--config.bridge.unet.channels=16", "--config.sample.steps=5")
 FIELDS = ("attribute", "value", "attribute_accuracy", "attribute_accuracy_ci", "ngram_ppl",
           "gen_ppl", "entropy")
 
@@ -54,7 +56,8 @@ def test_report_has_every_row_of_the_contract(trained):
   report = json.loads((workdir / "report.json").read_text())
   rows = report["results"]
   expected = {"real_text", "ar_backbone", "dglm_true_latent", "dglm", "dglm_guided/book=b@1"}
-  expected |= {f"{kind}/{t}" for kind in ("ar_prompted", "dglm_guided") for t in TARGETS}
+  expected |= {f"{kind}/{t}" for kind in ("ar_prompted", "dglm_guided", "dihal_cfg")
+               for t in TARGETS} | {"dihal"}
   assert set(rows) == expected
   for name, row in rows.items():
     assert all(field in row for field in FIELDS), name
@@ -64,10 +67,13 @@ def test_report_has_every_row_of_the_contract(trained):
   nll = report["teacher_forced_nll"]
   assert set(nll) == {"backbone", "no_latent", "true_latent"}
   assert all(0 < v < 20 for v in nll.values())  # nats per token; the tiny vocabulary has 307
+  assert report["bridge"] == {"layer": 1, "steps": 6, "guidance": 3.0, "label_dropout": 0.2,
+                              "readout": "blockwise"}
   composed = rows["dglm_guided/book=b+speech=dialogue"]
   assert (composed["attribute"], composed["value"]) == ("book+speech", "b+dialogue")
   for name in ("report.md", "samples.md", "control.png", "classifiers.npz", "latents.npz",
-               "projector/metrics.jsonl", "latent_denoiser/metrics.jsonl"):
+               "projector/metrics.jsonl", "latent_denoiser/metrics.jsonl",
+               "dihal_cfg/metrics.jsonl"):
     assert (workdir / name).is_file(), name
 
 
@@ -77,7 +83,7 @@ def test_rerun_resumes_without_training(trained):
   report = (workdir / "report.json").read_text()
   proc = _run(tmp_path, workdir, books)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.count("resumed from step") == 2
+  assert proc.stdout.count("resumed from step") == 3  # projector, latent denoiser, bridge
   assert (workdir / "projector" / "metrics.jsonl").read_text() == before
   rows = lambda text: json.loads(text)["results"]
   assert rows((workdir / "report.json").read_text()) == rows(report)  # same seeds, same rows
@@ -98,6 +104,10 @@ def test_sample_steers_toward_an_attribute(trained):
     (("--config.dglm.targets=genre=poetry",), "genre"),
     (("--config.dglm.targets=book=c",), "book=c"),
     (("--config.dglm.scale=-1",), "scale"),
+    (("--config.dglm.bridge_guidance=-1",), "bridge_guidance"),
+    (("--config.dglm.bridge_label_dropout=1.0",), "bridge_label_dropout"),
+    (("--config.dglm.bridge_steps=-1",), "bridge_steps"),
+    (("--config.bridge.denoiser=transformer",), "UNet"),
     (("--config.eval.encoder=no_such_encoder_package",), "not installed"),
 ])
 def test_bad_input_is_one_line(tmp_path, books, extra, words):

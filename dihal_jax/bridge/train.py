@@ -125,7 +125,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
       np.load(caches["validation"] / f"layer_{layer}.npy")[:t.batch_size])),
       NamedSharding(mesh, PartitionSpec()))  # the same fixed batch, replicated
   key = jax.random.key(config.seed)
-  val_loss_fn = _val_loss_fn(state, diffusion_cfg, jax.random.key(config.seed + 1))
+  val_loss_fn = validation_loss_fn(state, diffusion_cfg, jax.random.key(config.seed + 1))
   logged = ("loss", "grad_norm") + (("mse", "token_ce") if t.token_ce else ())
 
   def step(state, batch):
@@ -156,8 +156,9 @@ def time_distribution(t: ml_collections.ConfigDict) -> tuple[float, float] | Non
   return float(t.logit_normal[0]), float(t.logit_normal[1])
 
 
-def _val_loss_fn(state, diffusion_cfg, key):
-  """Validation loss of the EMA params on a fixed batch with fixed draws (comparable over time)."""
+def validation_loss_fn(state, diffusion_cfg, key):
+  """A jitted (state, x0) -> the unconditional loss of the EMA params on x0 with draws fixed by
+  `key` (comparable over time)."""
   graphdef = state.graphdef
 
   @jax.jit

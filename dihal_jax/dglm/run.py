@@ -6,7 +6,9 @@ Stages (each resumable; the workdir keeps what is done):
 2. linear latent classifiers per attribute (dglm/attributes.py);
 3. the soft-prompt projector, backbone frozen (dglm/soft_prompt.py) -> projector/;
 4. the latent denoiser (dglm/latent_diffusion.py) -> latent_denoiser/;
-5. rows of continuations of the same balanced test prefixes, judged for fluency
+5. with dglm.bridge_steps > 0, DiHAL's bridge at l trained on the same passages with their
+   attribute labels (dglm/bridge_guidance.py) -> dihal_cfg/;
+6. rows of continuations of the same balanced test prefixes, judged for fluency
    (eval/judges.py: backbone PPL, an n-gram LM fit on these books' train split, entropy)
    and for attributes by the independent text judge -> report.json, report.md,
    samples.md, control.png.
@@ -19,8 +21,9 @@ Rows: `real_text` (the true continuations), `ar_backbone` (the backbone continue
 prefix), `ar_prompted/T` (a plain instruction naming target T precedes the prefix),
 `dglm_true_latent` (the decoder given the true continuation's latent: the readout's
 oracle), `dglm` (a latent proposed from the prefix), `dglm_guided/T` (proposed with
-classifier guidance toward T), and `dglm_guided/T0@s` for the scale sweep of the first
-target.
+classifier guidance toward T), `dglm_guided/T0@s` for the scale sweep of the first
+target; with the bridge, `dihal` (its unguided continuations, read out by sample.readout)
+and `dihal_cfg/T` (classifier-free guidance toward T, weight dglm.bridge_guidance).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import json
 import time
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,7 +43,8 @@ from dihal_jax.backbone import checkpoint
 from dihal_jax.bridge.train_step import init_train_state, make_optimizer
 from dihal_jax.bridge.training_loop import Cadence, run_loop
 from dihal_jax.data.dataset import cache_root
-from dihal_jax.dglm import latent_diffusion, soft_prompt, trained
+from dihal_jax.bridge.train import interface_layer
+from dihal_jax.dglm import bridge_guidance, latent_diffusion, soft_prompt, trained
 from dihal_jax.dglm.trained import attribute_values
 from dihal_jax.dglm.attributes import LatentClassifier, TextJudge, parse_target, target_name
 from dihal_jax.dglm.passages import Passages, load_passages, parse_books
@@ -55,7 +58,12 @@ STATE_SECTIONS = ("seed", "model", "data", "dglm")
 RESUMABLE = ("dglm.steps", "dglm.denoiser_steps", "dglm.num", "dglm.targets", "dglm.scale",
              "dglm.scale_sweep", "dglm.temperature", "dglm.top_p", "dglm.sampler_steps",
              "dglm.prefix_guidance", "dglm.test_windows", "dglm.log_every",
-             "dglm.checkpoint_every", "data.cache_dir")
+             "dglm.checkpoint_every", "dglm.bridge_steps", "dglm.bridge_guidance",
+             "dglm.bridge_label_dropout", "data.cache_dir")
+# The bridge's checkpoint: its length may grow, its label dropout may not change.
+BRIDGE_SECTIONS = STATE_SECTIONS + ("bridge", "train")
+BRIDGE_RESUMABLE = tuple(f for f in RESUMABLE if f != "dglm.bridge_label_dropout") + (
+    "train.steps", "train.log_every", "train.val_every", "train.checkpoint_every")
 # Key streams: each row samples with fold_in(key(seed), ROW_STREAM + its index); the
 # proposals of a row with fold_in(that key, PROPOSAL_STREAM), its text with the key itself.
 ROW_STREAM = 100
@@ -70,13 +78,16 @@ def check(d: ml_collections.ConfigDict) -> None:
   for name in positive:
     if d[name] < 1:
       raise UserInputError(f"--config.dglm.{name}={d[name]}: expected >= 1")
-  for name in ("scale", "prefix_guidance", "latent_noise"):
+  for name in ("scale", "prefix_guidance", "latent_noise", "bridge_guidance"):
     if d[name] < 0:
       raise UserInputError(f"--config.dglm.{name}={d[name]}: expected >= 0")
   if any(s < 0 for s in d.scale_sweep):
     raise UserInputError(f"--config.dglm.scale_sweep={tuple(d.scale_sweep)}: expected "
                          "scales >= 0")
-  for name in ("latent_dropout", "cond_dropout"):
+  if d.bridge_steps < 0:
+    raise UserInputError(f"--config.dglm.bridge_steps={d.bridge_steps}: expected >= 0 (0 = no "
+                         "dihal rows)")
+  for name in ("latent_dropout", "cond_dropout", "bridge_label_dropout"):
     if not 0 <= d[name] < 1:
       raise UserInputError(f"--config.dglm.{name}={d[name]}: expected in [0, 1)")
   if not 0 < d.top_p <= 1 or d.temperature < 0:
@@ -115,11 +126,6 @@ def latents(path: Path, passages: dict[str, Passages], encoder, tokenizer) -> di
   return out
 
 
-def _indices(count: int, batch: int, seed: int):
-  """A checkpointable grain iterator of shuffled index batches, forever."""
-  return iter(grain.MapDataset.range(count).shuffle(seed=seed).repeat().batch(batch))
-
-
 def train_projector(config, workdir: Path, backbone, train: Passages, train_z, val: Passages,
                     val_z, progress: bool):
   """The soft-prompt projector, resumably (projector/); returns its EMA module and log."""
@@ -143,7 +149,7 @@ def train_projector(config, workdir: Path, backbone, train: Passages, train_z, v
       trained.replicate(init_train_state(trained.new_projector(config, backbone)(), optimizer),
                         mesh),
       workdir=workdir / "projector",
-      batches=_indices(len(tokens), d.batch_size, config.seed), step=step,
+      batches=trained.index_batches(len(tokens), d.batch_size, config.seed), step=step,
       validate=lambda s: soft_prompt.validation_nll(s.model(ema=True), backbone, val_tokens,
                                                     val_latent, prefix=d.prefix),
       optim_cfg=optim_cfg, cadence=Cadence(d.steps, d.log_every, d.checkpoint_every,
@@ -176,7 +182,7 @@ def train_denoiser(config, workdir: Path, train_z: dict, val_z: dict, progress: 
   result = run_loop(
       trained.replicate(init_train_state(trained.new_denoiser(config)(), optimizer), mesh),
       workdir=workdir / "latent_denoiser",
-      batches=_indices(len(cont), d.denoiser_batch, config.seed), step=step,
+      batches=trained.index_batches(len(cont), d.denoiser_batch, config.seed), step=step,
       validate=lambda s: latent_diffusion.validation_loss(s.model(ema=True), val_cont, val_pre,
                                                           key, cfg=cfg),
       optim_cfg=optim_cfg, cadence=Cadence(d.denoiser_steps, every, every, every, 2),
@@ -223,6 +229,8 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   d = config.dglm
   t0 = time.perf_counter()
   check(d)
+  if d.bridge_steps:
+    bridge_guidance.check(config)
   books = parse_books(d.books)
   goals = targets(d)
   ckpt = checkpoint.checkpoint_dir(config, workdir)
@@ -249,6 +257,12 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
                                               z["train"]["continuation"], passages["validation"],
                                               z["validation"]["continuation"], progress)
   denoiser, denoiser_rows = train_denoiser(config, workdir, z["train"], z["validation"], progress)
+  bridge = None
+  if d.bridge_steps:
+    bridge = bridge_guidance.train(config, workdir, backbone, passages,
+                                   interface_layer(config, workdir), separator,
+                                   sections=BRIDGE_SECTIONS, resumable=BRIDGE_RESUMABLE,
+                                   progress=progress)
 
   train_text = tokenizer.batch_decode(passages["train"].continuations)
   text_judge = TextJudge(train_text, passages["train"].labels, config.seed)
@@ -298,6 +312,20 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   for s in d.scale_sweep:
     makers[f"dglm_guided/{first}@{s:g}"] = (
         lambda i, s=s: decode(i, propose(i, steer(goals[0]), s)))
+  if bridge is not None:
+    labels = bridge_guidance.Labels(values)
+
+    def bridge_rows(index, target=None):
+      ids = None if target is None else labels.of_target(target, len(prompts))
+      return bridge_guidance.continuations(
+          bridge, backbone, config, prompts, d.continuation, separator,
+          jax.random.fold_in(base_key, ROW_STREAM + index), class_ids=ids,
+          guidance=d.bridge_guidance), None
+
+    makers["dihal"] = bridge_rows
+    for target in goals:
+      makers[f"dihal_cfg/{target_name(target, values)}"] = (
+          lambda i, target=target: bridge_rows(i, target))
 
   nll = {name: float(soft_prompt.continuation_nll(backbone, soft, jnp.asarray(test.tokens),
                                                   d.prefix))
@@ -332,6 +360,9 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   report = {
       "books": books, "targets": [target_name(t, values) for t in goals],
       "scale": d.scale, "prefix_guidance": d.prefix_guidance, "num": d.num,
+      **({"bridge": {"layer": bridge.layer, "steps": bridge.step, "guidance": d.bridge_guidance,
+                     "label_dropout": d.bridge_label_dropout, "readout": config.sample.readout}}
+         if bridge is not None else {}),
       "prefix_tokens": d.prefix, "continuation_tokens": d.continuation,
       "judge_accuracy_on_real_test": {a: float(np.mean(real_pred[a] == y))
                                       for a, y in passages["test"].labels.items()},
@@ -370,13 +401,23 @@ def summary(report: dict) -> str:
       "# DGLM attribute control", "",
       f"{report['num']} test prefixes ({report['prefix_tokens']} tokens, half from each book), "
       f"{report['continuation_tokens']} tokens generated per row; classifier-guidance scale "
-      f"{report['scale']}, prefix guidance {report['prefix_guidance']}.", "",
+      f"{report['scale']}, prefix guidance {report['prefix_guidance']}." + _bridge_line(report),
+      "",
       f"Independent text judge's accuracy on real test continuations: {judge}. "
       f"Latent classifiers' accuracy on test latents: {latent}.", "",
       "Continuation NLL (nats/token, teacher forced) on these prefixes: backbone alone "
       f"{nll['backbone']:.3f}, soft prompt of a zero latent {nll['no_latent']:.3f}, of the "
       f"true continuation's latent {nll['true_latent']:.3f}.", "",
       reports.markdown_table(header, rows), ""])
+
+
+def _bridge_line(report: dict) -> str:
+  b = report.get("bridge")
+  if not b:
+    return ""
+  return (f" DiHAL rows: the bridge at layer {b['layer']} ({b['steps']} steps, each attribute "
+          f"of its labels dropped with p = {b['label_dropout']}), read out by {b['readout']}, "
+          f"classifier-free guidance w = {b['guidance']}.")
 
 
 def _samples(samples: dict) -> str:

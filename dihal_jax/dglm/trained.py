@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,6 +36,11 @@ MISSING = "DGLM checkpoints (run `dihal dglm` first)"
 def attribute_values(d: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
   """{attribute: its values}: the books of dglm.books, and the speech labels."""
   return {"book": tuple(parse_books(d.books)), "speech": SPEECH}
+
+
+def index_batches(count: int, batch: int, seed: int):
+  """A checkpointable grain iterator of shuffled index batches of range(count), forever."""
+  return iter(grain.MapDataset.range(count).shuffle(seed=seed).repeat().batch(batch))
 
 
 def projector_optim(d) -> OptimConfig:

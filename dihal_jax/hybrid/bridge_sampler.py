@@ -53,6 +53,14 @@ class TrainedBridge:
   factor: int  # window lengths must be multiples of this (the UNet's downsampling)
   kind: str  # "unet" | "transformer"
   params_count: int  # trained parameters of the denoiser
+  labels: jax.Array | None = None  # [B] class ids every `sample` is conditioned on (None: none)
+  guidance: float = 0.0  # classifier-free guidance weight w with `labels`
+
+  def conditioned(self, labels, guidance: float) -> "TrainedBridge":
+    """This bridge sampling toward class `labels` [B] with guidance w: each step's output is
+    (1 + w)·out(labels) - w·out(null) (a bridge trained with labels, bridge.unet.num_classes)."""
+    return dataclasses.replace(self, labels=jnp.asarray(labels, jnp.int32),
+                               guidance=float(guidance))
 
   def sample(self, key: jax.Array, known_h: jax.Array, known_mask: jax.Array, *,
              steps: int | None = None, x_start: jax.Array | None = None,
@@ -61,10 +69,11 @@ class TrainedBridge:
 
     x_start: a normalized state at t_start (SDEdit / refine), default pure noise.
     """
-    cfg = self.diffusion if steps is None else dataclasses.replace(self.diffusion, steps=steps)
+    cfg = dataclasses.replace(self.diffusion, steps=steps or self.diffusion.steps,
+                              guidance=self.guidance)
     return _sample(self.graphdef, self.params, key, jnp.asarray(known_h, jnp.float32),
                    jnp.asarray(known_mask, bool), x_start, self.norm.mean, self.norm.scale,
-                   self.norm.basis, cfg=cfg, self_condition=self.self_condition,
+                   self.norm.basis, self.labels, cfg=cfg, self_condition=self.self_condition,
                    t_start=float(t_start))
 
   def denoise_x0(self, z_t: jax.Array, t: jax.Array, known_mask: jax.Array,
@@ -80,20 +89,21 @@ def _model_fn(graphdef, params, cfg, z_known, known_mask):
   known = jnp.where(mask, z_known, 0.0)
 
   def fn(x_t, t, known_mask_, labels, x0_prev=None):
-    del known_mask_, labels
-    return model(jnp.where(mask, z_known, x_t), t, known_mask, known, None, x0_prev)
+    del known_mask_
+    return model(jnp.where(mask, z_known, x_t), t, known_mask, known, labels, x0_prev)
 
   return fn
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "self_condition", "t_start"))
-def _sample(graphdef, params, key, known_h, known_mask, x_start, mean, scale, basis, *, cfg,
-            self_condition, t_start):
+def _sample(graphdef, params, key, known_h, known_mask, x_start, mean, scale, basis, labels, *,
+            cfg, self_condition, t_start):
   norm = Normalizer("", mean, scale, basis)
   z_known = norm.forward(known_h)
   fn = _model_fn(graphdef, params, cfg, z_known, known_mask)
   z = diffusion.sample(fn, key, known_h.shape, cfg, known=z_known, known_mask=known_mask,
-                       self_condition=self_condition, x_start=x_start, t_start=t_start)
+                       labels=labels, self_condition=self_condition, x_start=x_start,
+                       t_start=t_start)
   return norm.inverse(z)
 
 
