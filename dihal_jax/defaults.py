@@ -137,6 +137,7 @@ def base() -> ml_collections.ConfigDict:
   c.mdm.mask_id = -1  # absorbing-state token id; -1 = the tokenizer's mask or an unused special
   c.mdm.shift = True  # logits at i-1 predict the masked token at i (the AR head keeps its meaning)
   c.mdm.anneal_steps = 0  # causal -> bidirectional: causal OR Bernoulli(r), r = step/anneal_steps
+  c.mdm.block = 0  # > 0: block diffusion (BD3-LM) with blocks of this many positions
   c.mdm.checkpoint_every = 100
   c.mdm.max_to_keep = 2
   c.mdm.log_every = 10
@@ -169,6 +170,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.ngram_order = 4  # the Kneser–Ney judge's order (fit on the train split)
   c.eval.encoder = "all_minilm_l6_v2"  # MAUVE's sentence encoder (the package holding model.zip)
   c.eval.noise_levels = (0.1, 0.3, 0.5)  # bridge val MSE and token recovery at these t
+  c.eval.mdm_block = 16  # row mdm_block: the MDM trained as block diffusion, blocks of this
   c.eval.show = 3  # sample texts per method in the report
 
   c.sweep = ml_collections.ConfigDict()  # dihal sweep (eval/sweep.py)

@@ -168,6 +168,6 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
           "locate": geometry, "train": trained,
           **{k: results[k] for k in ("results", "sets", "continuation", "judges", "num", "seeds",
                                      "length", "prefix", "samples", "continuation_samples",
-                                     "mdm")},
+                                     "mdm", "mdm_block")},
           "effective_config": config.to_dict(),
           "timings": {"total_s": time.perf_counter() - t0, **stages}}

@@ -46,7 +46,7 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
   _check_bridge(config.bridge, layers, spec)
   _need(config.sample.beta >= 0, f"--config.sample.beta={config.sample.beta}: expected >= 0 (the "
         "joint readout's weight of the current-token head)")
-  mdm_train.check(config.mdm)
+  mdm_train.check(config.mdm, d.window)
   _need(config.sample.method in ("bridge", "mdm", "dglm"), f"--config.sample.method="
         f"{config.sample.method!r}: expected bridge, mdm or dglm")
   if command == "dglm" or config.sample.method == "dglm":
@@ -109,6 +109,8 @@ def _check_eval(e, window: int) -> None:
   _need(e.seeds >= 1, f"--config.eval.seeds={e.seeds}: expected >= 1")
   _need(2 <= e.ngram_order <= window,
         f"--config.eval.ngram_order={e.ngram_order}: expected 2..data.window={window}")
+  _need(e.mdm_block >= 1 and window % e.mdm_block == 0, f"--config.eval.mdm_block="
+        f"{e.mdm_block}: expected a block size that divides data.window={window}")
   _need(not e.prefix or 2 <= e.prefix <= window - 1,
         f"--config.eval.prefix={e.prefix}: expected 0 (no continuation task) or 2..{window - 1} "
         "(separator included, at least one token generated)")

@@ -47,6 +47,7 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
   assert report["judges"]["ngram"]["order"] == 4
   assert report["results"]["dihal_l0"]["layer"] == 0
   assert report["mdm"]["step"] == 6 and "mdm" in report["continuation"]  # the preset's budget
+  assert report["mdm_block"]["trained_block"] == 16 and "mdm_block" in report["continuation"]
   assert report["results"]["dihal"]["ar_share"] > 0
   assert report["results"]["oracle"]["ar_share"] > 0  # the blockwise readout of true states
   assert "oracle_lm_head" in report["results"] and "oracle_lm_head" in report["samples"]

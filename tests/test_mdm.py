@@ -25,12 +25,14 @@ def test_loss_equals_the_hand_computed_nelbo():
   masked = jnp.array([[False, True, True]])
   # p(0 | pos 1) = 3/4, p(0 | pos 2) = 1/5: (1/t) * (-log 3/4 - log 1/5) / (T - 1).
   expected = (1 / 0.5) * (-math.log(3 / 4) - math.log(1 / 5)) / 2
-  got = objective.mdlm_loss(logits, tokens, masked, jnp.array([0.5]), shift=False)
+  got = objective.mdlm_loss(objective.token_logits(logits, False), tokens, masked,
+                           jnp.array([0.5]))
   np.testing.assert_allclose(float(got), expected, rtol=1e-6)
   # Shifted: position 1 is predicted by logits[0] (p(0) = 1/2), position 2 by logits[1]
   # (p(0) = 3/4).
   expected_shift = (1 / 0.5) * (-math.log(1 / 2) - math.log(3 / 4)) / 2
-  got = objective.mdlm_loss(logits, tokens, masked, jnp.array([0.5]), shift=True)
+  got = objective.mdlm_loss(objective.token_logits(logits, True), tokens, masked,
+                           jnp.array([0.5]))
   np.testing.assert_allclose(float(got), expected_shift, rtol=1e-6)
 
 
@@ -44,7 +46,7 @@ def test_unmasked_positions_do_not_count_and_batch_is_averaged():
   logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
   nll = -np.take_along_axis(logp, np.asarray(tokens)[..., None], -1)[..., 0]
   want = np.mean((nll * np.asarray(masked)).sum(1) / np.asarray(t) / 4)
-  got = objective.mdlm_loss(logits, tokens, masked, t, shift=False)
+  got = objective.mdlm_loss(logits, tokens, masked, t)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
@@ -144,7 +146,7 @@ def test_confidence_order_reveals_the_most_confident_position_first():
   graphdef, state = nnx.split(Fixed())
   tokens, masked = sampler._step(graphdef, state, jnp.array([[0, 7, 7]]),
                                  jnp.array([[False, True, True]]), jnp.array([1]),
-                                 jax.random.key(0), mask_id=7, shift=False,
+                                 jax.random.key(0), mask_id=7, shift=False, trained_block=0,
                                  unmask="confidence", temperature=1.0, top_p=1.0)
   np.testing.assert_array_equal(np.asarray(tokens), [[0, 5, 7]])
   np.testing.assert_array_equal(np.asarray(masked), [[False, False, True]])
@@ -202,3 +204,63 @@ def test_sampler_settings_are_checked():
   with pytest.raises(UserInputError, match="unmask"):
     sampler.check(10, "entropy", 0, 64)
   sampler.check(10, "random", 16, 64)
+
+
+@pytest.mark.parametrize("length,block", [(6, 2), (6, 3), (4, 1)])
+def test_block_diffusion_pattern_is_bd3lms_three_masks(length, block):
+  """x_t ⊕ x_0: block-diagonal among noisy keys, offset block-causal from noisy to clean,
+  block-causal among clean keys, never clean to noisy (BD3-LM's M_BD | M_OBC | M_BC)."""
+  got = np.asarray(attention.block_diffusion(length, block))
+  want = np.zeros((2 * length, 2 * length), bool)
+  for q in range(2 * length):
+    for k in range(2 * length):
+      bq, bk = (q % length) // block, (k % length) // block
+      if q < length and k < length:
+        want[q, k] = bq == bk
+      elif q < length:
+        want[q, k] = bk < bq
+      elif k >= length:
+        want[q, k] = bk <= bq
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.asarray(attention.block_positions(length))[0],
+                                list(range(length)) * 2)
+
+
+def test_one_block_without_the_shift_is_the_bidirectional_mdm(models):
+  """With a single block the noisy half sees exactly the noised window: the plain MDLM pass."""
+  model, _ = models
+  rng = np.random.default_rng(1)
+  clean = jnp.asarray(rng.integers(3, 300, (2, 8)))
+  z = jnp.where(jnp.asarray(rng.random((2, 8)) < 0.5), 5, clean)
+  got = objective.predictions(model, z, clean, shift=False, block=8)
+  want = model(z, attention=attention.bidirectional(8))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_blocks_of_one_with_the_shift_are_the_ar_model(models):
+  """Blocks of 1 with the shift: every token is a block's first, read at the clean half's
+  i - 1, which sees x_<i: transformers' causal next-token logits, whatever z holds."""
+  model, ref = models
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(3, 300, (2, 10))
+  z = jnp.full((2, 10), 5)
+  got = np.asarray(objective.predictions(model, z, jnp.asarray(tokens), shift=True, block=1))
+  with torch.no_grad():
+    causal = ref(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got[:, 1:], causal[:, :-1], atol=2e-5)
+
+
+def test_sampling_a_blocks_of_one_model_greedily_is_greedy_ar_decoding(models):
+  model, ref = models
+  n = 8
+  given = np.zeros((2, n), np.int32)
+  given[:, :3] = [[1, 40, 41], [1, 90, 17]]
+  known = np.arange(n)[None].repeat(2, 0) < 3
+  out = sampler.sample(model, given, known, jax.random.key(0), mask_id=5, shift=True, steps=1,
+                       trained_block=1, temperature=0.0)
+  ids = torch.tensor(given[:, :3], dtype=torch.long)
+  with torch.no_grad():
+    for _ in range(n - 3):
+      nxt = ref(ids).logits[:, -1].argmax(-1, keepdim=True)
+      ids = torch.cat([ids, nxt], dim=1)
+  np.testing.assert_array_equal(out, ids.numpy())

@@ -63,7 +63,7 @@ _ABSENT = "<absent>"
 # predates a field ran at (its default, the old behaviour): such a checkpoint still resumes
 # when the run keeps that value.
 FIELDS_ADDED = {"train.time_sampling": "uniform", "train.logit_normal": [0.0, 1.0],
-                "bridge.dtype": "float32"}
+                "bridge.dtype": "float32", "mdm.block": 0}
 
 
 def _json_normal(obj: Any) -> Any:

@@ -11,9 +11,11 @@ Rows (docs/design.md, "Evaluation protocol" and "the crux"; `eval.methods` picks
                        rows: what a trivial generator scores under each judge.
   mdm                  the backbone post-trained into a masked diffusion model (config
                        `mdm`; mdm.steps = -1 sees as many training windows as the bridge).
+  mdm_block            the same, trained as block diffusion (BD3-LM) with blocks of
+                       eval.mdm_block positions.
 The two bridges share one protocol (UNet size, optimizer, steps, batch, windows:
-the config's `bridge` and `train`); the l = 0 one is trained into `workdir/l0`
-and the MDM into `workdir/mdm` on first use (both resumable).
+the config's `bridge` and `train`); the l = 0 one is trained into `workdir/l0`,
+the MDMs into `workdir/mdm` and `workdir/mdm_block` on first use (all resumable).
 
 Tasks:
   unconditional  windows generated from the separator; judged against each evaluation
@@ -171,16 +173,22 @@ def _load_l0(gens: RowGenerators, config, workdir: Path, separator: int, progres
   gens.readers["l0"] = Readout(gens.backbone, 0, separator)
 
 
-def _load_mdm(gens: RowGenerators, config, workdir: Path, separator: int, progress: bool):
-  """The masked diffusion model (`dihal mdm`'s protocol), trained into workdir/mdm if needed."""
-  s = config.sample
-  mdm_sampler.check(s.mdm_steps, s.unmask, s.mdm_block, config.data.window)
-  run_mdm(config, workdir / "mdm", progress=progress)
-  gens.mdm = load_mdm(config, workdir / "mdm")
-  gens.unmask, gens.mdm_block, gens.mdm_steps = s.unmask, s.mdm_block, s.mdm_steps
+def _mdm_loader(name: str, block):
+  """A loader of the masked diffusion model (`dihal mdm`'s protocol; `block(config)`: its
+  mdm.block), trained into workdir/`name` if needed."""
+  def load(gens: RowGenerators, config, workdir: Path, separator: int, progress: bool):
+    s = config.sample
+    mdm_sampler.check(s.mdm_steps, s.unmask, s.mdm_block, config.data.window)
+    config = overridden(config, {"mdm.block": block(config)})
+    run_mdm(config, workdir / name, progress=progress)
+    gens.mdms[name] = load_mdm(config, workdir / name)
+    gens.unmask, gens.mdm_block, gens.mdm_steps = s.unmask, s.mdm_block, s.mdm_steps
+  return load
 
 
-MODEL_LOADERS = {"main": _load_main, "l0": _load_l0, "mdm": _load_mdm}  # Row.model -> loader
+MODEL_LOADERS = {"main": _load_main, "l0": _load_l0,  # Row.model -> loader
+                 "mdm": _mdm_loader("mdm", lambda c: c.mdm.block),
+                 "mdm_block": _mdm_loader("mdm_block", lambda c: c.eval.mdm_block)}
 
 
 @dataclasses.dataclass
@@ -360,7 +368,7 @@ def assemble_report(s: Setup, results: dict, continuation: dict, texts: tuple[di
                     total_s: float) -> dict:
   """report.json's contents: the rows, and what they were judged and sampled with."""
   e, gens = s.config.eval, s.gens
-  main, l0, mdm = gens.bridges.get("main"), gens.bridges.get("l0"), gens.mdm
+  main, l0 = gens.bridges.get("main"), gens.bridges.get("l0")
   return {
       "results": next(iter(results.values())), "sets": results, "continuation": continuation,
       "samples": texts[0], "continuation_samples": texts[1],
@@ -375,9 +383,12 @@ def assemble_report(s: Setup, results: dict, continuation: dict, texts: tuple[di
                 "estimate ± z·bootstrap SE)"},
       "bridge": {"layer": main.layer if main else None, "step": main.step if main else None,
                  "l0_step": l0.step if l0 else None},
-      "mdm": ({"step": mdm.step, "mask_id": mdm.mask_id, "shift": mdm.shift,
-               "unmask": gens.unmask, "steps": gens.mdm_steps, "block": gens.mdm_block}
-              if mdm else None),
+      **{name: ({"step": mdm.step, "mask_id": mdm.mask_id, "shift": mdm.shift,
+                 "unmask": gens.unmask, "steps": gens.mdm_steps,
+                 "block": mdm.block or gens.mdm_block, "trained_block": mdm.block}
+                if mdm else None)
+         for name, mdm in (("mdm", gens.mdms.get("mdm")),
+                           ("mdm_block", gens.mdms.get("mdm_block")))},
       "readout": dict(mode=s.config.sample.readout, oracle_mode=s.oracle_mode,
                       **gens.readout.__dict__),
       "timings": {"total_s": total_s}}

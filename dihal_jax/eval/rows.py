@@ -17,6 +17,8 @@ eval/evaluate.py's MODEL_LOADERS when it samples a model eval does not load yet.
                        (Diffusion-LM style), no transformer.
   mdm                  the backbone post-trained into a masked diffusion model (`dihal mdm`),
                        sample.mdm_steps reveal steps (sample.unmask, sample.mdm_block).
+  mdm_block            the same post-training as block diffusion (BD3-LM, blocks of
+                       eval.mdm_block), sampled block by block, sample.mdm_steps per block.
 Batched generators give each batch the row's key folded with the batch's first row index.
 """
 
@@ -51,10 +53,10 @@ class RowGenerators:
   bridges: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> TrainedBridge
   readers: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> Readout
   head: ClassMeanHead | None = None  # the current-token head (identity / joint readouts)
-  mdm: TrainedMDM | None = None  # the masked diffusion model
-  unmask: str = "confidence"  # its sampler's order (sample.unmask)
-  mdm_block: int = 0  # its semi-AR block (sample.mdm_block)
-  mdm_steps: int = 32  # its reveal steps (sample.mdm_steps)
+  mdms: dict = dataclasses.field(default_factory=dict)  # "mdm" / "mdm_block" -> TrainedMDM
+  unmask: str = "confidence"  # their sampler's order (sample.unmask)
+  mdm_block: int = 0  # the semi-AR block of an MDM trained without blocks (sample.mdm_block)
+  mdm_steps: int = 32  # reveal steps (per block) (sample.mdm_steps)
 
   def mode(self, method: str) -> str | None:
     """The readout mode of a bridge row (None for every other row)."""
@@ -78,7 +80,7 @@ class Row:
   # place in the table, so committed results stay reproducible; a new row takes an unused one.
   stream: int
   make: Make  # (generators, this row, key, given, prefix) -> (tokens, states or None)
-  model: str | None = None  # the trained model it samples ("main", "l0", "mdm"), if any
+  model: str | None = None  # the trained model it samples ("main", "l0", "mdm", ...), if any
   mode: str | None = None  # a bridge row's readout mode; None = the default (sample.readout)
   reference: bool = False  # a reference row (what the methods are read against), not a method
 
@@ -117,9 +119,10 @@ def _bigram(g: RowGenerators, row: Row, key, given, prefix):
 
 def _masked_diffusion(g: RowGenerators, row: Row, key, given, prefix):
   known = _known(given, prefix)
+  mdm = g.mdms[row.model]
   return np.concatenate([mdm_sampler.sample(
-      g.mdm.model, given[rows], known[rows], k, mask_id=g.mdm.mask_id, shift=g.mdm.shift,
-      steps=g.mdm_steps, unmask=g.unmask, block=g.mdm_block,
+      mdm.model, given[rows], known[rows], k, mask_id=mdm.mask_id, shift=mdm.shift,
+      steps=g.mdm_steps, unmask=g.unmask, block=g.mdm_block, trained_block=mdm.block,
       temperature=g.readout.temperature, top_p=g.readout.top_p)
       for k, rows in _batches(key, len(given), g.batch)]), None
 
@@ -171,4 +174,5 @@ ROWS = {
     "dihal_l0": Row(12, _read_bridge, model="l0"),
     "embedding_rounding": Row(13, _round_bridge, model="l0", mode="nearest_embedding"),
     "mdm": Row(14, _masked_diffusion, model="mdm"),
+    "mdm_block": Row(15, _masked_diffusion, model="mdm_block"),
 }

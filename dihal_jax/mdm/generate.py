@@ -56,7 +56,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str | Path, *, prompt
     out.append(sampler.sample(mdm.model, tokens[i:i + s.batch], known[i:i + s.batch],
                               jax.random.fold_in(jax.random.key(config.seed), i),
                               mask_id=mdm.mask_id, shift=mdm.shift, steps=s.mdm_steps,
-                              unmask=s.unmask, block=s.mdm_block, temperature=s.temperature,
+                              unmask=s.unmask, block=s.mdm_block, trained_block=mdm.block,
+                              temperature=s.temperature,
                               top_p=s.top_p))
   generated = np.concatenate(out)
   condition = {"prompt": prompt} if prompt else ({"infill": infill} if infill else {})

@@ -13,7 +13,10 @@ sampler with the revealed count fixed per step instead of drawn), `confidence`
 the ones whose drawn token has the highest probability (MaskGIT / LLaDA low-confidence
 remasking). `block` > 0 is semi-autoregressive: the window is cut into blocks of that
 many positions, revealed left to right, each with its own S steps (positions right of
-the current block stay masked and are still seen).
+the current block stay masked and are still seen). A model trained as block diffusion
+(`trained_block` > 0) is always sampled by its own blocks, each step one BD3-LM pass over
+the window twice (mdm/objective.py::predictions: the committed blocks are its clean half,
+later blocks are invisible to it).
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ from flax import nnx
 
 from dihal_jax.backbone.generate import top_p_filter
 from dihal_jax.errors import UserInputError
-from dihal_jax.mdm.attention import bidirectional
-from dihal_jax.mdm.objective import token_logits
+from dihal_jax.mdm.objective import predictions
 
 UNMASK = ("confidence", "random")
 
@@ -53,15 +55,14 @@ def reveal_counts(unknown: np.ndarray, steps: int) -> np.ndarray:
   return (remaining[:-1] - remaining[1:]).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "shift", "unmask", "temperature",
-                                             "top_p"))
-def _step(graphdef, state, tokens, masked, count, key, *, mask_id, shift, unmask, temperature,
-          top_p):
+@functools.partial(jax.jit, static_argnames=("graphdef", "shift", "trained_block", "unmask",
+                                             "temperature", "top_p"))
+def _step(graphdef, state, tokens, masked, count, key, *, mask_id, shift, trained_block, unmask,
+          temperature, top_p):
   """One reveal step: tokens [N, T] (mask id where masked), masked [N, T] the still-masked
   positions this block may reveal, count [N] how many to reveal."""
   model = nnx.merge(graphdef, state)
-  n = tokens.shape[1]
-  logits = token_logits(model(tokens, attention=bidirectional(n)), shift)
+  logits = predictions(model, tokens, tokens, shift=shift, block=trained_block)
   logits = logits.at[..., mask_id].set(-jnp.inf)  # never draw the absorbing state itself
   k_draw, k_order = jax.random.split(key)
   if temperature == 0.0:
@@ -84,11 +85,14 @@ def _step(graphdef, state, tokens, masked, count, key, *, mask_id, shift, unmask
 
 def sample(model, tokens: np.ndarray, known: np.ndarray, key: jax.Array, *, mask_id: int,
            shift: bool, steps: int, unmask: str = "confidence", block: int = 0,
-           temperature: float = 1.0, top_p: float = 1.0) -> np.ndarray:
-  """tokens [N, T] with the unknown positions (known False) filled by the MDM `model`."""
+           trained_block: int = 0, temperature: float = 1.0, top_p: float = 1.0) -> np.ndarray:
+  """tokens [N, T] with the unknown positions (known False) filled by the MDM `model`
+  (trained as block diffusion with blocks of `trained_block` when > 0: then `block` is
+  that)."""
   tokens = np.asarray(tokens, np.int32)
   known = np.asarray(known, bool)
   num, length = tokens.shape
+  block = trained_block or block
   check(steps, unmask, block, length)
   graphdef, state = nnx.split(model)
   current = jnp.asarray(np.where(known, tokens, mask_id))
@@ -103,6 +107,7 @@ def sample(model, tokens: np.ndarray, known: np.ndarray, key: jax.Array, *, mask
     for s in range(steps):
       current, masked = _step(graphdef, state, current, masked, jnp.asarray(counts[s]),
                               jax.random.fold_in(key, b * steps + s), mask_id=mask_id,
-                              shift=shift, unmask=unmask, temperature=float(temperature),
+                              shift=shift, trained_block=trained_block, unmask=unmask,
+                              temperature=float(temperature),
                               top_p=float(top_p))
   return np.asarray(current)

@@ -40,8 +40,8 @@ from dihal_jax.bridge.train_step import (OptimConfig, TrainState, apply_gradient
 from dihal_jax.bridge.training_loop import Cadence, run_loop
 from dihal_jax.data.dataset import Data
 from dihal_jax.errors import UserInputError
-from dihal_jax.mdm.attention import anneal_rate, annealed_pattern, bidirectional
-from dihal_jax.mdm.objective import T_EPS, mask_tokens, mdlm_loss, token_logits
+from dihal_jax.mdm.attention import anneal_rate, annealed_pattern
+from dihal_jax.mdm.objective import T_EPS, mask_tokens, mdlm_loss, predictions
 from dihal_jax.parallel.sharding import batch_sharding, mesh_and_rules, put_global
 
 # The config sections that shape the trained state (a resume checks them), and the fields
@@ -85,11 +85,18 @@ def mask_token_id(spec: int, tokenizer, vocab_size: int, separator: int) -> int:
   return spec
 
 
-def check(m: ml_collections.ConfigDict) -> None:
-  """One `dihal: error:` line for a bad mdm section."""
+def check(m: ml_collections.ConfigDict, window: int) -> None:
+  """One `dihal: error:` line for a bad mdm section (windows of `window` tokens)."""
   if m.anneal_steps < 0:
     raise UserInputError(f"--config.mdm.anneal_steps={m.anneal_steps}: expected >= 0 (0 = "
                          "bidirectional from the first step)")
+  if m.block < 0 or (m.block and window % m.block):
+    raise UserInputError(f"--config.mdm.block={m.block}: must be 0 (one bidirectional window) "
+                         f"or divide the window length {window}")
+  if m.block and m.anneal_steps:
+    raise UserInputError(f"--config.mdm.block={m.block} with --config.mdm.anneal_steps="
+                         f"{m.anneal_steps}: block diffusion has its own pattern; set "
+                         "anneal_steps=0")
   if m.steps < -1 or m.steps == 0:
     raise UserInputError(f"--config.mdm.steps={m.steps}: expected >= 1, or -1 (the bridge's "
                          "budget)")
@@ -118,9 +125,11 @@ def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
 
 
 def train_step(state: TrainState, tokens: jax.Array, key: jax.Array, *, mask_id: int,
-               shift: bool, anneal_steps: int, optimizer: optax.GradientTransformation,
+               shift: bool, anneal_steps: int, block: int,
+               optimizer: optax.GradientTransformation,
                optim_cfg: OptimConfig) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW step on the MDLM loss of a token batch [B, T] (un-jitted).
+  """One AdamW step on the MDLM loss of a token batch [B, T] (un-jitted); block > 0 trains
+  block diffusion (mdm/objective.py::predictions).
 
   Draws (from fold_in(key, step)): t ~ U(T_EPS, 1) per window, the masked positions, and
   while annealing the Bernoulli(r) extra attention edges.
@@ -130,14 +139,13 @@ def train_step(state: TrainState, tokens: jax.Array, key: jax.Array, *, mask_id:
   t = jax.random.uniform(k_t, (b,), jnp.float32, T_EPS, 1.0)
   z, masked = mask_tokens(k_mask, tokens, t, mask_id)
   rate = anneal_rate(state.step, anneal_steps)
-  pattern = (annealed_pattern(k_attn, b, n, rate) if anneal_steps > 0
-             else bidirectional(n))
+  pattern = annealed_pattern(k_attn, b, n, rate) if anneal_steps > 0 else None
 
   def loss_fn(params):
     model = nnx.merge(state.graphdef, params, state.rest)
-    logits = model(z, attention=pattern)
-    loss = mdlm_loss(logits, tokens, masked, t, shift=shift)
-    hits = jnp.argmax(token_logits(logits, shift), axis=-1) == tokens
+    logits = predictions(model, z, tokens, shift=shift, block=block, attention=pattern)
+    loss = mdlm_loss(logits, tokens, masked, t)
+    hits = jnp.argmax(logits, axis=-1) == tokens
     accuracy = jnp.sum(hits & masked) / jnp.maximum(jnp.sum(masked), 1)
     return loss, accuracy
 
@@ -147,13 +155,13 @@ def train_step(state: TrainState, tokens: jax.Array, key: jax.Array, *, mask_id:
 
 
 def make_train_step(mesh: jax.sharding.Mesh, rules, optim_cfg: OptimConfig, *, mask_id: int,
-                    shift: bool, anneal_steps: int):
+                    shift: bool, anneal_steps: int, block: int = 0):
   """(state, tokens [B, T] this process's rows, key) -> (new state, metrics), jitted once with
   the bridge's state shardings; the state is donated. Its `flops()` is the step's XLA FLOP
   count once it has run."""
   optimizer = make_optimizer(optim_cfg)
   fn = functools.partial(train_step, mask_id=mask_id, shift=shift, anneal_steps=anneal_steps,
-                         optimizer=optimizer, optim_cfg=optim_cfg)
+                         block=block, optimizer=optimizer, optim_cfg=optim_cfg)
   token_sharding = batch_sharding(mesh, rules, 2)
   replicated = NamedSharding(mesh, PartitionSpec())
   compiled = {}
@@ -177,8 +185,9 @@ def make_train_step(mesh: jax.sharding.Mesh, rules, optim_cfg: OptimConfig, *, m
   return step
 
 
-def _val_loss_fn(graphdef, key, mask_id: int, shift: bool):
-  """MDLM loss of the EMA params on a fixed batch with fixed draws, bidirectional attention."""
+def _val_loss_fn(graphdef, key, mask_id: int, shift: bool, block: int):
+  """MDLM loss of the EMA params on a fixed batch with fixed draws, the trained pattern
+  (bidirectional, or block diffusion)."""
 
   @jax.jit
   def val_loss(ema, rest, tokens):
@@ -186,8 +195,7 @@ def _val_loss_fn(graphdef, key, mask_id: int, shift: bool):
     k_t, k_mask = jax.random.split(key)
     t = jax.random.uniform(k_t, (tokens.shape[0],), jnp.float32, T_EPS, 1.0)
     z, masked = mask_tokens(k_mask, tokens, t, mask_id)
-    n = tokens.shape[1]
-    return mdlm_loss(model(z, attention=bidirectional(n)), tokens, masked, t, shift=shift)
+    return mdlm_loss(predictions(model, z, tokens, shift=shift, block=block), tokens, masked, t)
 
   return val_loss
 
@@ -198,7 +206,7 @@ def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   workdir = Path(workdir)
   m = config.mdm
   t0 = time.perf_counter()
-  check(m)
+  check(m, config.data.window)
   steps = total_steps(config)
   data = Data.from_config(config, workdir)
   ckpt_dir = backbone_checkpoint.checkpoint_dir(config, workdir)
@@ -209,11 +217,12 @@ def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
   state = init_train_state(backbone, make_optimizer(optim_cfg))
   del backbone
   step_fn = make_train_step(mesh, rules, optim_cfg, mask_id=mask_id, shift=m.shift,
-                            anneal_steps=m.anneal_steps)
+                            anneal_steps=m.anneal_steps, block=m.block)
   batches = iter(data.windows("train", batch_size=m.batch_size))
   replicated = NamedSharding(mesh, PartitionSpec())
   val_tokens = put_global(data.first_windows("validation", m.batch_size), replicated)
-  val_loss_fn = _val_loss_fn(state.graphdef, jax.random.key(config.seed + 1), mask_id, m.shift)
+  val_loss_fn = _val_loss_fn(state.graphdef, jax.random.key(config.seed + 1), mask_id, m.shift,
+                             m.block)
   key = jax.random.key(config.seed)
   setup_s = time.perf_counter() - t0
 
@@ -229,11 +238,12 @@ def run_mdm(config: ml_collections.ConfigDict, workdir: str | Path, *,
       cadence=Cadence(steps, m.log_every, m.val_every, m.checkpoint_every, m.max_to_keep),
       checkpoint_config=config.to_dict(), sections=STATE_SECTIONS,
       resumable_changes=RESUMABLE_CHANGES,
-      extra={"mask_id": mask_id, "shift": bool(m.shift), "window": config.data.window},
+      extra={"mask_id": mask_id, "shift": bool(m.shift), "window": config.data.window,
+             "block": int(m.block)},
       desc="mdm", flops=step_fn.flops, progress=progress)
   return {"steps": result.done, "total_steps": steps, "start_step": result.start,
           "mask_id": mask_id, "mask_token": data.tokenizer.convert_ids_to_tokens(mask_id),
-          "shift": bool(m.shift), "anneal_steps": int(m.anneal_steps),
+          "shift": bool(m.shift), "anneal_steps": int(m.anneal_steps), "block": int(m.block),
           "tokens_seen": result.done * m.batch_size * config.data.window,
           "final": result.rows[-1] if result.rows else None,
           "interrupted": result.interrupted,
@@ -248,6 +258,7 @@ class TrainedMDM:
   mask_id: int
   shift: bool
   step: int
+  block: int  # > 0: trained as block diffusion with blocks of this many positions
 
 
 def load_mdm(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainedMDM:
@@ -270,4 +281,4 @@ def load_mdm(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainedM
   step, restored, extra, _ = read_latest(ckpt, abstract, what=MISSING)
   model = nnx.merge(holder["state"].graphdef, restored["ema"], restored["rest"])
   return TrainedMDM(model=model, mask_id=int(extra["mask_id"]), shift=bool(extra["shift"]),
-                    step=int(step))
+                    step=int(step), block=int(extra.get("block", 0)))
