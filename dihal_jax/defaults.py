@@ -171,6 +171,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.encoder = "all_minilm_l6_v2"  # MAUVE's sentence encoder (the package holding model.zip)
   c.eval.noise_levels = (0.1, 0.3, 0.5)  # bridge val MSE and token recovery at these t
   c.eval.mdm_block = 16  # row mdm_block: the MDM trained as block diffusion, blocks of this
+  # many positions (0 = no such row)
   c.eval.show = 3  # sample texts per method in the report
 
   c.sweep = ml_collections.ConfigDict()  # dihal sweep (eval/sweep.py)

@@ -81,7 +81,10 @@ PRESETS = {
               # The MDM row at 1/100 of the bridge's windows (all 135 M weights train: ~3 s a
               # step of 4 windows here), enough to show the row, not to judge the method.
               "mdm.steps": 16, "mdm.batch_size": 4, "mdm.warmup_steps": 4,
-              "mdm.checkpoint_every": 16, "mdm.val_every": 16, "sample.mdm_steps": 8},
+              "mdm.checkpoint_every": 16, "mdm.val_every": 16, "sample.mdm_steps": 8,
+              # No block-diffusion row: it samples 4 blocks x 8 steps of passes over twice the
+              # window, ~6 min a task here (results/mdm/block measures it).
+              "eval.mdm_block": 0},
     # The test suite's smoke run (tiny random model).
     "smoke": {"train.steps": 12, "train.warmup_steps": 3, "train.checkpoint_every": 12,
               "train.val_every": 6, "train.cache_windows": 32, "train.val_windows": 8,

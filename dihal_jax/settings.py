@@ -109,8 +109,12 @@ def _check_eval(e, window: int) -> None:
   _need(e.seeds >= 1, f"--config.eval.seeds={e.seeds}: expected >= 1")
   _need(2 <= e.ngram_order <= window,
         f"--config.eval.ngram_order={e.ngram_order}: expected 2..data.window={window}")
-  _need(e.mdm_block >= 1 and window % e.mdm_block == 0, f"--config.eval.mdm_block="
-        f"{e.mdm_block}: expected a block size that divides data.window={window}")
+  _need(e.mdm_block >= 0 and window % max(e.mdm_block, 1) == 0, f"--config.eval.mdm_block="
+        f"{e.mdm_block}: expected 0 (no mdm_block row) or a block size that divides "
+        f"data.window={window}")
+  _need(e.mdm_block or "mdm_block" not in (m.strip() for m in e.methods.split(",")),
+        "--config.eval.mdm_block=0 (no block-diffusion row) but eval.methods names mdm_block; "
+        "give a block size that divides data.window")
   _need(not e.prefix or 2 <= e.prefix <= window - 1,
         f"--config.eval.prefix={e.prefix}: expected 0 (no continuation task) or 2..{window - 1} "
         "(separator included, at least one token generated)")

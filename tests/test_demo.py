@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -23,7 +24,8 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((workdir / "report.json").read_text())
   from dihal_jax.eval.evaluate import default_methods
-  assert list(report["results"]) == default_methods("blockwise")
+  assert list(report["results"]) == default_methods(
+      ml_collections.ConfigDict(report["effective_config"]))
   assert "dihal_lm_head" in report["results"] and "dihal_blockwise" not in report["results"]
   assert set(report["sets"]) == {"test", "ood"}
   for rows in report["sets"].values():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, load_config
+from dihal_jax import defaults
 from dihal_jax.backbone.checkpoint import byte_tokenizer
 from dihal_jax.bridge.diffusion import DiffusionConfig
 from dihal_jax.bridge.normalization import Normalizer
@@ -226,5 +227,13 @@ def test_oracle_blockwise_in_one_block_is_the_teacher_forced_argmax(models):
 
 def test_default_methods_skip_the_rows_that_repeat_the_default_readout():
   from dihal_jax.eval.evaluate import METHODS, default_methods
-  assert set(METHODS) - set(default_methods("blockwise")) == {"dihal_blockwise"}
-  assert set(METHODS) - set(default_methods("lm_head")) == {"dihal_lm_head", "oracle_lm_head"}
+  from dihal_jax.overrides import overridden
+  config = defaults.base()
+
+  def skipped(**changes):
+    return set(METHODS) - set(default_methods(overridden(config, changes)))
+
+  assert skipped(**{"sample.readout": "blockwise"}) == {"dihal_blockwise"}
+  assert skipped(**{"sample.readout": "lm_head"}) == {"dihal_lm_head", "oracle_lm_head"}
+  assert skipped(**{"sample.readout": "blockwise", "eval.mdm_block": 0}) == {
+      "dihal_blockwise", "mdm_block"}

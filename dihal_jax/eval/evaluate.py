@@ -87,17 +87,21 @@ ORACLE_STREAM = 7  # the oracle rows' readout draws (the same in every set)
 DIAGNOSTICS_STREAM = 1000  # the bridge diagnostics' noise and sampler (eval/diagnostics.py)
 
 
-def default_methods(readout: str) -> list[str]:
+def default_methods(config: ml_collections.ConfigDict) -> list[str]:
   """Every row once: `dihal` is the default readout, so `dihal_<readout>` would repeat it
-  (and `oracle_lm_head` would repeat `oracle` when the default readout is lm_head)."""
-  return [m for m in METHODS if m not in (f"dihal_{readout}", f"oracle_{readout}")]
+  (and `oracle_lm_head` would repeat `oracle` when the default readout is lm_head);
+  `mdm_block` only with eval.mdm_block > 0."""
+  readout = config.sample.readout
+  skip = {f"dihal_{readout}", f"oracle_{readout}"} | ({"mdm_block"} if not config.eval.mdm_block
+                                                      else set())
+  return [m for m in METHODS if m not in skip]
 
 
 def chosen_methods(config: ml_collections.ConfigDict) -> list[str]:
   """eval.methods (empty: default_methods), checked before anything loads."""
   e = config.eval
   methods = ([m.strip() for m in e.methods.split(",") if m.strip()] if e.methods
-             else default_methods(config.sample.readout))
+             else default_methods(config))
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise UserInputError(f"eval.methods: unknown {unknown}; known: {', '.join(METHODS)}")
