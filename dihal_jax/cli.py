@@ -209,15 +209,19 @@ def _plan(config, config_name: str) -> int:
 # config) and maps ok to the exit status.
 
 def _stoppable(handler):
-  """A handler whose training may be stopped (non-finite loss...): one stderr line, status 1.
-  What finished stays (checkpoints, cached layers, finished ablation rows)."""
+  """A handler whose training may be stopped: a non-finite loss is one stderr line and
+  status 1; SIGTERM inside a pipeline's training stage (saved) one line and status 0, and
+  nothing after that stage runs. What finished stays (checkpoints, cached layers, rows)."""
   def wrapped(config, workdir):
-    from dihal_jax.bridge.training_loop import TrainingStopped
+    from dihal_jax.bridge.training_loop import TrainingInterrupted, TrainingStopped
     try:
       return handler(config, workdir)
     except TrainingStopped as e:
       print(f"dihal: training stopped: {e}", file=sys.stderr)
       return 1
+    except TrainingInterrupted as e:
+      print(f"SIGTERM: stopped while training {e}; the same command resumes")
+      return 0
   return wrapped
 
 
@@ -296,6 +300,7 @@ def _sample(config, workdir):
   return report, True
 
 
+@_stoppable  # the l = 0 bridge and the MDMs train first where missing
 def _eval(config, workdir):
   from dihal_jax.eval import evaluate
   report = evaluate.run_eval(config, workdir)
@@ -338,6 +343,7 @@ def _dglm(config, workdir):
   return report, True
 
 
+@_stoppable
 def _demo(config, workdir):
   from dihal_jax import demo
   report = demo.run_demo(config, workdir)

@@ -118,6 +118,7 @@ def apply_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """parity -> greedy continuations -> locate -> train the bridge at l* -> eval every row."""
   from dihal_jax.bridge.train import run_train
+  from dihal_jax.bridge.training_loop import TrainingInterrupted
   from dihal_jax.eval import evaluate
 
   config = apply_preset(config)
@@ -139,6 +140,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   print(locate.summary(geometry))
   lap("locate_s")
   trained = run_train(config, workdir)
+  if trained["interrupted"]:
+    raise TrainingInterrupted("the bridge at l*")
   print(f"bridge at layer {trained['layer']}: {trained['final']}")
   lap("train_s")
   results = evaluate.run_eval(config, workdir)

@@ -40,6 +40,11 @@ class TrainingStopped(Exception):
   """A non-finite loss: training stops, the last good checkpoint stays."""
 
 
+class TrainingInterrupted(Exception):
+  """SIGTERM stopped a stage of a pipeline (saved): what follows it must not run on the
+  half-trained model; the same command resumes."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Cadence:
   """How long to train and how often to log, validate and save."""
@@ -85,6 +90,13 @@ class LoopResult:
   done: int  # the last step taken
   rows: list[dict]  # every metrics.jsonl row
   interrupted: bool  # stopped by SIGTERM
+
+  def finished(self, what: str) -> "LoopResult":
+    """self, or TrainingInterrupted(what) when SIGTERM stopped the loop: for pipelines whose
+    next stage would use the model."""
+    if self.interrupted:
+      raise TrainingInterrupted(what)
+    return self
 
 
 def run_loop(state: TrainState, *, workdir: Path, batches: Iterator,

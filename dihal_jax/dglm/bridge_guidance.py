@@ -171,7 +171,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, backbone, passages: 
            validate=lambda s: val_loss(s, val_x0), optim_cfg=optim_cfg,
            cadence=Cadence(t.steps, d.log_every, d.checkpoint_every, d.checkpoint_every, 2),
            checkpoint_config=c.to_dict(), sections=sections, resumable_changes=resumable,
-           extra=extra, desc="dihal_cfg bridge", flops=step_fn.flops, progress=progress)
+           extra=extra, desc="dihal_cfg bridge", flops=step_fn.flops,
+           progress=progress).finished("the dihal_cfg bridge")
   return load_bridge(workdir / "dihal_cfg", mesh)
 
 

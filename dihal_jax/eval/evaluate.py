@@ -59,6 +59,7 @@ from tqdm import tqdm
 from dihal_jax import reports
 from dihal_jax.backbone import checkpoint
 from dihal_jax.bridge.train import interface_layer, run_train
+from dihal_jax.bridge.training_loop import TrainingInterrupted
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
@@ -171,7 +172,9 @@ def _load_main(gens: RowGenerators, config, workdir: Path, separator: int, progr
 
 def _load_l0(gens: RowGenerators, config, workdir: Path, separator: int, progress: bool):
   """The l = 0 bridge of the same protocol, trained into workdir/l0 if needed."""
-  run_train(overridden(config, {"bridge.layer": "0"}), workdir / "l0", progress=progress)
+  if run_train(overridden(config, {"bridge.layer": "0"}), workdir / "l0",
+               progress=progress)["interrupted"]:
+    raise TrainingInterrupted("the l = 0 bridge")
   gens.bridges["l0"] = load_bridge(workdir / "l0", mesh_and_rules(config)[0],
                                    kind=config.bridge.denoiser)
   gens.readers["l0"] = Readout(gens.backbone, 0, separator)
@@ -184,7 +187,8 @@ def _mdm_loader(name: str, block):
     s = config.sample
     mdm_sampler.check(s.mdm_steps, s.unmask, s.mdm_block, config.data.window)
     config = overridden(config, {"mdm.block": block(config)})
-    run_mdm(config, workdir / name, progress=progress)
+    if run_mdm(config, workdir / name, progress=progress)["interrupted"]:
+      raise TrainingInterrupted(f"the {name} model")
     gens.mdms[name] = load_mdm(config, workdir / name)
     gens.unmask, gens.mdm_block, gens.mdm_steps = s.unmask, s.mdm_block, s.mdm_steps
   return load
