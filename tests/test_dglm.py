@@ -3,6 +3,7 @@ generation), scikit-learn (latent classifier probabilities), closed forms (class
 guidance gradient, perturbation), and hand-made corpora (passages and labels)."""
 
 import gzip
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import torch
 
 from dihal_jax.backbone.checkpoint import byte_tokenizer
 from dihal_jax.backbone.generate import generate
-from dihal_jax.dglm import latent_diffusion, soft_prompt
+from dihal_jax.dglm import latent_diffusion, run, soft_prompt
 from dihal_jax.dglm.attributes import LatentClassifier, TextJudge, parse_target, target_name
 from dihal_jax.dglm.passages import load_passages, parse_books
 from dihal_jax.errors import UserInputError
@@ -83,6 +84,22 @@ def test_text_judge_hits_need_every_attribute():
   judge = TextJudge(texts, labels, seed=0)
   assert judge.hits(["the whale and the sea"], (("book", 1),)).tolist() == [True]
   assert judge.hits(["the whale and the sea"], (("book", 1), ("speech", 1))).tolist() == [False]
+
+
+def test_on_target_latents_carry_the_target_and_never_a_prefix_own():
+  rng = np.random.default_rng(0)
+  labels = {"book": rng.integers(0, 2, 200), "speech": rng.integers(0, 2, 200)}
+  latents = np.arange(200.0)[:, None] * np.ones((1, 3))  # row i's latent names i
+  exclude = np.arange(0, 200, 3)
+  target = (("book", 1), ("speech", 1))
+  drawn = run.on_target_latents(SimpleNamespace(labels=labels), latents, target, exclude,
+                                5000, seed=1)[:, 0].astype(int)
+  eligible = {i for i in range(200) if labels["book"][i] == 1 and labels["speech"][i] == 1
+              and i % 3}
+  assert drawn.shape == (5000,) and set(drawn.tolist()) == eligible  # every one, only those
+  none = {"book": np.zeros(10, int), "speech": np.zeros(10, int)}
+  assert run.on_target_latents(SimpleNamespace(labels=none), latents[:10], target,
+                               np.arange(0), 4, seed=1) is None
 
 
 def test_classifier_guidance_gradient_closed_form():

@@ -23,7 +23,9 @@ prefix), `ar_prompted/T` (a plain instruction naming target T precedes the prefi
 oracle), `dglm` (a latent proposed from the prefix), `dglm_guided/T` (proposed with
 classifier guidance toward T), `dglm_guided/T0@s` for the scale sweep of the first
 target; with the bridge, `dihal` (its unguided continuations, read out by sample.readout)
-and `dihal_cfg/T` (classifier-free guidance toward T, weight dglm.bridge_guidance).
+and `dihal_cfg/T` (classifier-free guidance toward T, weight dglm.bridge_guidance); last,
+`dglm_target_latent/T` (every prefix given the latent of another real test continuation
+that carries T: the guided rows' oracle, the steering the decoder can show at all).
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def train_projector(config, workdir: Path, backbone, train: Passages, train_z, v
       optim_cfg=optim_cfg, cadence=Cadence(d.steps, d.log_every, d.checkpoint_every,
                                            d.checkpoint_every, 2),
       checkpoint_config=config.to_dict(), sections=STATE_SECTIONS, resumable_changes=RESUMABLE,
-      extra={}, desc="projector", progress=progress)
+      extra={}, desc="projector", progress=progress).finished("the projector")
   return result.state.model(ema=True), result.rows
 
 
@@ -187,12 +189,12 @@ def train_denoiser(config, workdir: Path, train_z: dict, val_z: dict, progress: 
                                                           key, cfg=cfg),
       optim_cfg=optim_cfg, cadence=Cadence(d.denoiser_steps, every, every, every, 2),
       checkpoint_config=config.to_dict(), sections=STATE_SECTIONS, resumable_changes=RESUMABLE,
-      extra={}, desc="latent denoiser", progress=progress)
+      extra={}, desc="latent denoiser", progress=progress).finished("the latent denoiser")
   return result.state.model(ema=True), result.rows
 
 
-def balanced_test(test: Passages, num: int, seed: int) -> Passages:
-  """num test passages, half from each of the first two books (a seeded draw)."""
+def balanced_rows(test: Passages, num: int, seed: int) -> np.ndarray:
+  """Indices of num test passages, half from each of the first two books (a seeded draw)."""
   rng = np.random.default_rng(seed)
   picks = []
   for book in (0, 1):
@@ -201,7 +203,21 @@ def balanced_test(test: Passages, num: int, seed: int) -> Passages:
       raise UserInputError(f"--config.dglm.num={num}: the test split has {len(rows)} windows "
                            f"of {test.values['book'][book]}; lower num or raise test_windows")
     picks.append(np.sort(rng.choice(rows, num // 2, replace=False)))
-  return test.take(np.concatenate(picks))
+  return np.concatenate(picks)
+
+
+def on_target_latents(test: Passages, latents: np.ndarray, target, exclude: np.ndarray,
+                      num: int, seed: int) -> np.ndarray | None:
+  """num latents of real test continuations that carry every attribute of `target`, drawn
+  with replacement from the test passages outside `exclude` (the prefixes' own); None when
+  there are none. Given to the decoder they are what a perfectly steered proposal is, so its
+  row is the guided rows' oracle: the accuracy the decoder reaches when the latent is right."""
+  carries = np.all([test.labels[a] == v for a, v in target], axis=0)
+  carries[exclude] = False
+  rows = np.flatnonzero(carries)
+  if not len(rows):
+    return None
+  return latents[np.random.default_rng(seed).choice(rows, num)]
 
 
 def instruction(target, values) -> str:
@@ -266,7 +282,8 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
   train_text = tokenizer.batch_decode(passages["train"].continuations)
   text_judge = TextJudge(train_text, passages["train"].labels, config.seed)
-  test = balanced_test(passages["test"], d.num, config.seed)
+  test_rows = balanced_rows(passages["test"], d.num, config.seed)
+  test = passages["test"].take(test_rows)
   test_z = _encode_latents(judges.encoder, tokenizer, test)
   cfg = trained.diffusion_config(d)
   base_key = jax.random.key(config.seed)
@@ -326,6 +343,14 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
     for target in goals:
       makers[f"dihal_cfg/{target_name(target, values)}"] = (
           lambda i, target=target: bridge_rows(i, target))
+
+  # Appended after every other row so that their sampling keys (row indices) stay put.
+  for target in goals:
+    oracle = on_target_latents(passages["test"], z["test"]["continuation"], target, test_rows,
+                               d.num, config.seed)
+    if oracle is not None:
+      makers[f"dglm_target_latent/{target_name(target, values)}"] = (
+          lambda i, oracle=oracle: decode(i, oracle))
 
   nll = {name: float(soft_prompt.continuation_nll(backbone, soft, jnp.asarray(test.tokens),
                                                   d.prefix))
