@@ -38,11 +38,15 @@ def books(tmp_path_factory):
   return f"--config.dglm.books=a={root / 'a'},b={root / 'b'}"
 
 
-def _run(tmp_path, workdir, books, *extra, command="dglm"):
-  args = [sys.executable, "-m", "dihal_jax.cli", command, "--config=configs/tiny_llama.py",
+def _args(tmp_path, workdir, books, *extra, command="dglm"):
+  return [sys.executable, "-m", "dihal_jax.cli", command, "--config=configs/tiny_llama.py",
           f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}", books, *TINY,
           *extra]
-  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def _run(tmp_path, workdir, books, *extra, command="dglm"):
+  return subprocess.run(_args(tmp_path, workdir, books, *extra, command=command), cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def test_report_has_every_row_of_the_contract(trained):
   expected = {"real_text", "ar_backbone", "dglm_true_latent", "dglm", "dglm_guided/book=b@1"}
   expected |= {f"{kind}/{t}" for kind in ("ar_prompted", "dglm_guided", "dihal_cfg")
                for t in TARGETS} | {"dihal", "dglm_target_latent/book=b"}
-  # the tiny test split has no Moby Dick dialogue: that oracle row is left out, not faked
+  # the tiny test split has no dialogue from book b: that oracle row is left out, not faked
   assert set(rows) == expected
   for name, row in rows.items():
     assert all(field in row for field in FIELDS), name
@@ -96,9 +100,8 @@ def test_sigterm_in_the_projector_stops_the_pipeline(tmp_path, books):
   """SIGTERM while the projector trains: saved, exit 0, one line, and nothing after that
   stage runs on the half-trained projector (no denoiser, no report)."""
   workdir = tmp_path / "w"
-  args = [sys.executable, "-m", "dihal_jax.cli", "dglm", "--config=configs/tiny_llama.py",
-          f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}", books, *TINY,
-          "--config.dglm.steps=100000", "--config.dglm.log_every=1"]
+  args = _args(tmp_path, workdir, books, "--config.dglm.steps=100000",
+               "--config.dglm.log_every=1")
   proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   metrics = workdir / "projector" / "metrics.jsonl"

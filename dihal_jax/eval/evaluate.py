@@ -93,8 +93,9 @@ def default_methods(config: ml_collections.ConfigDict) -> list[str]:
   (and `oracle_lm_head` would repeat `oracle` when the default readout is lm_head);
   `mdm_block` only with eval.mdm_block > 0."""
   readout = config.sample.readout
-  skip = {f"dihal_{readout}", f"oracle_{readout}"} | ({"mdm_block"} if not config.eval.mdm_block
-                                                      else set())
+  skip = {f"dihal_{readout}", f"oracle_{readout}"}
+  if not config.eval.mdm_block:
+    skip.add("mdm_block")
   return [m for m in METHODS if m not in skip]
 
 
