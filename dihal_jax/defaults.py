@@ -206,6 +206,9 @@ def base() -> ml_collections.ConfigDict:
   c.dglm.test_windows = 256  # test windows per book
   c.dglm.vectors = 8  # soft-prompt vectors
   c.dglm.hidden = 1024  # projector MLP width
+  c.dglm.lora_rank = 0  # LoRA adapters of the backbone trained with the projector; 0 = frozen
+  c.dglm.lora_alpha = 16.0  # their scale is lora_alpha / lora_rank
+  c.dglm.lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   c.dglm.latent_noise = 0.5  # training latents + N(0, (s/sqrt d)^2), s ~ U(0, this)
   c.dglm.latent_dropout = 0.1  # training latents zeroed with this probability
   c.dglm.steps = 400  # projector optimizer steps (backbone frozen)

@@ -21,6 +21,7 @@ TINY = ("--config.dglm.targets=" + ",".join(TARGETS), "--config.dglm.train_windo
         "--config.dglm.steps=6", "--config.dglm.denoiser_steps=20", "--config.dglm.num=16",
         "--config.dglm.sampler_steps=5", "--config.dglm.checkpoint_every=3",
         "--config.dglm.scale_sweep=(1.0,)", "--config.dglm.width=64", "--config.dglm.hidden=64",
+        "--config.dglm.lora_rank=2",
         "--config.dglm.bridge_steps=6", "--config.train.warmup_steps=2", "--config.bridge.layer=1",
         "--config.bridge.unet.channels=16", "--config.sample.steps=5")
 FIELDS = ("attribute", "value", "attribute_accuracy", "attribute_accuracy_ci", "ngram_ppl",
@@ -134,6 +135,8 @@ def test_sample_steers_toward_an_attribute(trained):
     (("--config.dglm.bridge_guidance=-1",), "bridge_guidance"),
     (("--config.dglm.bridge_label_dropout=1.0",), "bridge_label_dropout"),
     (("--config.dglm.bridge_steps=-1",), "bridge_steps"),
+    (("--config.dglm.lora_rank=-1",), "lora_rank"),
+    (("--config.dglm.lora_targets=q_proj,wq",), "lora_targets"),
     (("--config.bridge.denoiser=transformer",), "UNet"),
     (("--config.eval.encoder=no_such_encoder_package",), "not installed"),
 ])

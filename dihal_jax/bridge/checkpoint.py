@@ -63,7 +63,9 @@ _ABSENT = "<absent>"
 # predates a field ran at (its default, the old behaviour): such a checkpoint still resumes
 # when the run keeps that value.
 FIELDS_ADDED = {"train.time_sampling": "uniform", "train.logit_normal": [0.0, 1.0],
-                "bridge.dtype": "float32", "mdm.block": 0}
+                "bridge.dtype": "float32", "mdm.block": 0, "dglm.lora_rank": 0,
+                "dglm.lora_alpha": 16.0,
+                "dglm.lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
 
 
 def _json_normal(obj: Any) -> Any:

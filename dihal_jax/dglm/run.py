@@ -42,6 +42,7 @@ import scipy.stats
 
 from dihal_jax import reports
 from dihal_jax.backbone import checkpoint
+from dihal_jax.backbone.lora import parse_targets
 from dihal_jax.bridge.train_step import init_train_state, make_optimizer
 from dihal_jax.bridge.training_loop import Cadence, run_loop
 from dihal_jax.data.dataset import cache_root
@@ -80,6 +81,10 @@ def check(d: ml_collections.ConfigDict) -> None:
   for name in positive:
     if d[name] < 1:
       raise UserInputError(f"--config.dglm.{name}={d[name]}: expected >= 1")
+  if d.lora_rank < 0 or d.lora_alpha <= 0:
+    raise UserInputError(f"--config.dglm.lora_rank={d.lora_rank}, lora_alpha={d.lora_alpha}: "
+                         "expected rank >= 0 (0 = the backbone frozen) and alpha > 0")
+  parse_targets(d.lora_targets)
   for name in ("scale", "prefix_guidance", "latent_noise", "bridge_guidance"):
     if d[name] < 0:
       raise UserInputError(f"--config.dglm.{name}={d[name]}: expected >= 0")
@@ -389,6 +394,9 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
                      "label_dropout": d.bridge_label_dropout, "readout": config.sample.readout}}
          if bridge is not None else {}),
       "prefix_tokens": d.prefix, "continuation_tokens": d.continuation,
+      "decoder": {"vectors": d.vectors, "projector_steps": d.steps, "lora_rank": d.lora_rank,
+                  **({"lora_alpha": d.lora_alpha, "lora_targets": d.lora_targets}
+                     if d.lora_rank else {})},
       "judge_accuracy_on_real_test": {a: float(np.mean(real_pred[a] == y))
                                       for a, y in passages["test"].labels.items()},
       "latent_classifier_accuracy_on_test": {
@@ -426,7 +434,8 @@ def summary(report: dict) -> str:
       "# DGLM attribute control", "",
       f"{report['num']} test prefixes ({report['prefix_tokens']} tokens, half from each book), "
       f"{report['continuation_tokens']} tokens generated per row; classifier-guidance scale "
-      f"{report['scale']}, prefix guidance {report['prefix_guidance']}." + _bridge_line(report),
+      f"{report['scale']}, prefix guidance {report['prefix_guidance']}." + _decoder_line(report)
+      + _bridge_line(report),
       "",
       f"Independent text judge's accuracy on real test continuations: {judge}. "
       f"Latent classifiers' accuracy on test latents: {latent}.", "",
@@ -434,6 +443,16 @@ def summary(report: dict) -> str:
       f"{nll['backbone']:.3f}, soft prompt of a zero latent {nll['no_latent']:.3f}, of the "
       f"true continuation's latent {nll['true_latent']:.3f}.", "",
       reports.markdown_table(header, rows), ""])
+
+
+def _decoder_line(report: dict) -> str:
+  d = report.get("decoder")
+  if d is None:
+    return ""
+  adapters = (f", LoRA rank {d['lora_rank']} (alpha {d['lora_alpha']:g}) on "
+              f"{d['lora_targets']}" if d["lora_rank"] else ", the backbone frozen")
+  return (f" Decoder: {d['vectors']} soft-prompt vectors, projector trained "
+          f"{d['projector_steps']} steps{adapters}.")
 
 
 def _bridge_line(report: dict) -> str:

@@ -3,7 +3,9 @@ placed before the frozen backbone's input embeddings.
 
 Trained (teacher forcing) to continue a prefix given the latent of the true continuation;
 the backbone is frozen, so the projector learns to say in the backbone's input space what
-the latent describes. As in DGLM, the latent is perturbed during training (Gaussian noise of
+the latent describes. With dglm.lora_rank > 0 the projector also carries LoRA adapters of the
+backbone (backbone/lora.py), trained with it, so the decoder can learn to follow the soft
+prompt rather than only be addressed by it. As in DGLM, the latent is perturbed during training (Gaussian noise of
 a random level, then renormalised) and dropped with a small probability (the projector sees
 zeros), so the decoder tolerates the imperfect latents the diffusion model proposes.
 
@@ -21,18 +23,21 @@ import optax
 from flax import nnx
 
 from dihal_jax.backbone.generate import generate
+from dihal_jax.backbone.lora import LoRA
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge.train_step import OptimConfig, TrainState, apply_gradients
 
 
 class Projector(nnx.Module):
   """latent [B, d_z] -> soft prompt [B, k, D]: base vectors + an MLP of the latent, at the
-  scale of the backbone's token embeddings (`embed_rms`)."""
+  scale of the backbone's token embeddings (`embed_rms`); with `lora`, the adapters the
+  decoder reads it with (`decoder`)."""
 
   def __init__(self, latent_dim: int, model_dim: int, *, vectors: int, hidden: int,
-               embed_rms: float, rngs: nnx.Rngs):
+               embed_rms: float, rngs: nnx.Rngs, lora: LoRA | None = None):
     self.vectors, self.model_dim = vectors, model_dim
     self.embed_rms = embed_rms
+    self.lora = lora
     self.base = nnx.Param(jax.random.normal(rngs.params(), (vectors, model_dim)))
     self.hidden = nnx.Linear(latent_dim, hidden, rngs=rngs)
     self.out = nnx.Linear(hidden, vectors * model_dim, rngs=rngs)
@@ -42,6 +47,10 @@ class Projector(nnx.Module):
     x = latent * jnp.sqrt(latent.shape[-1])
     delta = self.out(jax.nn.gelu(self.hidden(x))).reshape(-1, self.vectors, self.model_dim)
     return self.embed_rms * (self.base[...] + delta)
+
+  def decoder(self, backbone: Decoder) -> Decoder:
+    """The backbone that reads this projector's soft prompts (adapted when it has LoRA)."""
+    return backbone if self.lora is None else self.lora.apply(backbone)
 
 
 def perturb(key: jax.Array, latent: jax.Array, *, noise: float, dropout: float) -> jax.Array:
@@ -73,12 +82,13 @@ def continuation_nll(backbone: Decoder, soft: jax.Array, tokens: jax.Array,
 def train_step(state: TrainState, backbone: Decoder, tokens: jax.Array, latent: jax.Array,
                key: jax.Array, *, prefix: int, optimizer: optax.GradientTransformation,
                optim_cfg: OptimConfig, noise: float, dropout: float):
-  """One AdamW step of the projector (the backbone is an input, never updated)."""
+  """One AdamW step of the projector and its adapters (the backbone is an input, never
+  updated)."""
   z = perturb(jax.random.fold_in(key, state.step), latent, noise=noise, dropout=dropout)
 
   def loss_fn(params):
     projector = nnx.merge(state.graphdef, params, state.rest)
-    return continuation_nll(backbone, projector(z), tokens, prefix)
+    return continuation_nll(projector.decoder(backbone), projector(z), tokens, prefix)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   return (apply_gradients(state, grads, optimizer, optim_cfg),
@@ -88,7 +98,7 @@ def train_step(state: TrainState, backbone: Decoder, tokens: jax.Array, latent: 
 @functools.partial(jax.jit, static_argnames=("prefix",))
 def validation_nll(projector: Projector, backbone: Decoder, tokens: jax.Array,
                    latent: jax.Array, *, prefix: int) -> jax.Array:
-  return continuation_nll(backbone, projector(latent), tokens, prefix)
+  return continuation_nll(projector.decoder(backbone), projector(latent), tokens, prefix)
 
 
 def write(backbone: Decoder, projector: Projector | None, prompts: jax.Array,
@@ -97,5 +107,6 @@ def write(backbone: Decoder, projector: Projector | None, prompts: jax.Array,
   """[B, length] continuations of prompts [B, P'] (all real tokens), after the soft prompt of
   `latents` [B, d_z] when a projector is given (plain AR continuation otherwise)."""
   soft = None if projector is None else projector(jnp.asarray(latents))
-  return generate(backbone, jnp.asarray(prompts), max_new_tokens=length, key=key,
+  decoder = backbone if projector is None else projector.decoder(backbone)
+  return generate(decoder, jnp.asarray(prompts), max_new_tokens=length, key=key,
                   temperature=temperature, top_p=top_p, soft_prompt=soft)

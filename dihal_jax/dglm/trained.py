@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dihal_jax import reports
+from dihal_jax.backbone.lora import LoRA, parse_targets
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.checkpoint import read_latest
@@ -60,12 +61,18 @@ def diffusion_config(d) -> diffusion.DiffusionConfig:
 
 
 def new_projector(config, backbone: Decoder):
-  """A maker of fresh projectors whose vectors start at the scale of the backbone's token embeddings."""
+  """A maker of fresh projectors whose vectors start at the scale of the backbone's token
+  embeddings, with LoRA adapters of the backbone when dglm.lora_rank > 0."""
   d = config.dglm
   embed_rms = float(jnp.sqrt(jnp.mean(jnp.square(backbone.embed[...].astype(jnp.float32)))))
-  return lambda: soft_prompt.Projector(LATENT_DIM, backbone.cfg.hidden_size, vectors=d.vectors,
-                                       hidden=d.hidden, embed_rms=embed_rms,
-                                       rngs=nnx.Rngs(config.seed))
+
+  def make():
+    rngs = nnx.Rngs(config.seed)
+    lora = LoRA(backbone, rank=d.lora_rank, alpha=d.lora_alpha,
+                targets=parse_targets(d.lora_targets), rngs=rngs) if d.lora_rank else None
+    return soft_prompt.Projector(LATENT_DIM, backbone.cfg.hidden_size, vectors=d.vectors,
+                                 hidden=d.hidden, embed_rms=embed_rms, rngs=rngs, lora=lora)
+  return make
 
 
 def new_denoiser(config):
