@@ -23,8 +23,8 @@ Oracle rows read the *true* states of the held-out windows with `joint` (each β
 the same way) and `identity`: a readout whose oracle does not return real text is not
 measuring the bridge.
 
-SIGTERM during training saves the row's checkpoint and stops the ablation (returns
-{"interrupted": NAME}). Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "oracle",
+SIGTERM during training saves the row's checkpoint and stops the ablation
+(`TrainingInterrupted` naming the row). Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "oracle",
 "budget", ...}) and report.md.
 """
 
@@ -43,6 +43,7 @@ from tqdm import tqdm
 from dihal_jax import reports
 from dihal_jax.backbone import checkpoint
 from dihal_jax.bridge.train import interface_layer, run_train
+from dihal_jax.bridge.training_loop import TrainingInterrupted
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
@@ -113,17 +114,17 @@ def chosen_rows(config: ml_collections.ConfigDict) -> dict[str, dict]:
 
 
 def train_rows(config: ml_collections.ConfigDict, workdir: Path, chosen: dict, layer: int,
-               progress: bool) -> tuple[dict, dict | None]:
-  """Trains (or resumes) each row's bridge into workdir/NAME: ({train_NAME_s: seconds},
-  {"interrupted": NAME, "step"} when SIGTERM stopped one, else None)."""
+               progress: bool) -> dict:
+  """Trains (or resumes) each row's bridge into workdir/NAME: {train_NAME_s: seconds}.
+  Raises `TrainingInterrupted` when SIGTERM stopped one (saved; the same command resumes)."""
   timings = {}
   for name, overrides in chosen.items():
     tick = time.perf_counter()
     trained = run_train(row_config(config, overrides, layer), workdir / name, progress=progress)
     timings[f"train_{name}_s"] = time.perf_counter() - tick
-    if trained["interrupted"]:  # SIGTERM: saved; the same command resumes
-      return timings, {"interrupted": name, "step": trained["steps"]}
-  return timings, None
+    if trained["interrupted"]:
+      raise TrainingInterrupted(f"the {name} bridge")
+  return timings
 
 
 @dataclasses.dataclass
@@ -263,9 +264,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
   workdir, t0 = Path(workdir), time.perf_counter()
   chosen = chosen_rows(config)
   layer = interface_layer(config, workdir)
-  timings, interrupted = train_rows(config, workdir, chosen, layer, progress)
-  if interrupted:
-    return interrupted
+  timings = train_rows(config, workdir, chosen, layer, progress)
   b = Bench.load(config, workdir, layer)
   mesh, _ = mesh_and_rules(config)
   rows, head, oracle = {}, None, {}

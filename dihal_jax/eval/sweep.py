@@ -332,6 +332,7 @@ def run_one(config: ml_collections.ConfigDict, run_dir: Path, probe: Probe, *,
             progress: bool) -> dict:
   """Train one (layer, seed) run and measure it; criteria.json makes a finished run free."""
   from dihal_jax.bridge import train
+  from dihal_jax.bridge.training_loop import TrainingInterrupted
   from dihal_jax.hybrid.bridge_sampler import load_bridge
 
   path = run_dir / "criteria.json"
@@ -339,7 +340,7 @@ def run_one(config: ml_collections.ConfigDict, run_dir: Path, probe: Probe, *,
     return json.loads(path.read_text())
   run = train.run_train(config, run_dir, progress=progress)
   if run["interrupted"]:
-    return {"interrupted": str(run_dir), "step": run["steps"]}
+    raise TrainingInterrupted(f"the bridge of {run_dir}")
   val_loss, val_steps = _val_loss(run_dir / "metrics.jsonl")
   tick = time.perf_counter()
   measured = probe.measure(load_bridge(run_dir, probe.mesh), run["cache"]["validation"])
@@ -374,8 +375,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, layers: li
               progress: bool = True) -> dict:
   """`dihal sweep`: every (layer, seed) run, then the ρ table; writes report.md.
 
-  Returns {"interrupted": RUN, "step"} when SIGTERM stopped a run (it saved; the same
-  command resumes). Raises `bridge.training_loop.TrainingStopped` on a non-finite loss.
+  Raises `bridge.training_loop.TrainingInterrupted` when SIGTERM stopped a run (it saved;
+  the same command resumes), `TrainingStopped` on a non-finite loss.
   """
   from dihal_jax.backbone import checkpoint
   from dihal_jax.data.dataset import Data
@@ -405,10 +406,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | Path, layers: li
         print(f"sweep: layer {layer} ({i + 1}/{len(layers)}), seed {s + 1}/{config.sweep.seeds}")
       cfg = overridden(config, {"bridge.layer": str(layer), "seed": config.seed + s,
                                 "train.steps": steps})
-      run = run_one(cfg, workdir / f"layer_{layer}" / f"seed_{s}", probe, progress=progress)
-      if "interrupted" in run:
-        return run
-      runs.append(run)
+      runs.append(run_one(cfg, workdir / f"layer_{layer}" / f"seed_{s}", probe,
+                          progress=progress))
     rows.append(layer_row(layer, by_layer.get(layer, {}), runs, criteria))
 
   correlation = correlate(rows, score_forms(located["weights"], fitted), criteria)
