@@ -126,6 +126,14 @@ def test_sample_steers_toward_an_attribute(trained):
   assert len(lines) == 3
   assert all(row["attribute"] == "book=b" and row["method"] == "dglm" for row in lines)
   assert all(len(row["tokens"]) == 24 for row in lines)
+  # The architecture comes from the workdir's checkpoints: other projector flags (no LoRA,
+  # another width) load the same model and give the same samples.
+  proc = _run(tmp_path, workdir, books, "--method=dglm", "--attribute=book=b", "--num=3",
+              "--prompt=It was a dark night", "--config.dglm.lora_rank=0",
+              "--config.dglm.hidden=32", command="sample")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
+  assert again == lines
 
 
 @pytest.mark.parametrize("extra, words", [

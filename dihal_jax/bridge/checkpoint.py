@@ -50,6 +50,7 @@ import os
 from typing import Any, Sequence
 
 import grain
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
@@ -66,6 +67,17 @@ FIELDS_ADDED = {"train.time_sampling": "uniform", "train.logit_normal": [0.0, 1.
                 "bridge.dtype": "float32", "mdm.block": 0, "dglm.lora_rank": 0,
                 "dglm.lora_alpha": 16.0,
                 "dglm.lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
+
+
+def stored_config(stored: dict) -> ml_collections.ConfigDict:
+  """A checkpoint's config, with each FIELDS_ADDED field it predates at the value it ran at:
+  for building the model a checkpoint describes."""
+  config = ml_collections.ConfigDict(stored)
+  for path, value in FIELDS_ADDED.items():
+    section, name = path.split(".")
+    if section in config and name not in config[section]:
+      config[section][name] = value
+  return config
 
 
 def _json_normal(obj: Any) -> Any:

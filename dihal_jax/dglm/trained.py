@@ -22,7 +22,7 @@ from dihal_jax import reports
 from dihal_jax.backbone.lora import LoRA, parse_targets
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge import diffusion
-from dihal_jax.bridge.checkpoint import read_latest
+from dihal_jax.bridge.checkpoint import read_latest, stored_config
 from dihal_jax.bridge.train_step import OptimConfig, init_train_state, make_optimizer
 from dihal_jax.dglm import latent_diffusion, soft_prompt
 from dihal_jax.dglm.attributes import LatentClassifier
@@ -104,13 +104,15 @@ class TrainedDGLM:
   classifiers: dict[str, LatentClassifier]
 
 
-def _restore(directory: Path, fresh, make_optim, mesh: jax.sharding.Mesh):
-  """The EMA module of the newest checkpoint in `directory` (shapes from `fresh`),
-  replicated over `mesh`."""
+def _restore(directory: Path, maker, make_optim, mesh: jax.sharding.Mesh):
+  """The EMA module of the newest checkpoint in `directory`, replicated over `mesh`; its
+  architecture from the checkpoint's own config (`maker(config)` -> a maker of fresh
+  modules), so sampling needs no repeat of the training flags."""
   holder = {}
 
   def abstract(stored: dict, _extra: dict):
-    optim = make_optim(ml_collections.ConfigDict(stored).dglm)
+    config = stored_config(stored)
+    fresh, optim = maker(config), make_optim(config.dglm)
     state = holder["state"] = jax.eval_shape(
         lambda: init_train_state(fresh(), make_optimizer(optim)))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -123,13 +125,14 @@ def _restore(directory: Path, fresh, make_optim, mesh: jax.sharding.Mesh):
 
 def load_dglm(config: ml_collections.ConfigDict, workdir: str | Path,
               backbone: Decoder) -> TrainedDGLM:
-  """The projector, latent denoiser (EMA params) and latent classifiers of a workdir."""
+  """The projector (with its LoRA adapters, if trained with them), latent denoiser (EMA
+  params) and latent classifiers of a workdir."""
   workdir = Path(workdir)
   mesh, _ = mesh_and_rules(config)
-  projector = _restore(workdir / "projector" / "checkpoints", new_projector(config, backbone),
-                       projector_optim, mesh)
-  denoiser = _restore(workdir / "latent_denoiser" / "checkpoints", new_denoiser(config),
-                      denoiser_optim, mesh)
+  projector = _restore(workdir / "projector" / "checkpoints",
+                       lambda stored: new_projector(stored, backbone), projector_optim, mesh)
+  denoiser = _restore(workdir / "latent_denoiser" / "checkpoints", new_denoiser, denoiser_optim,
+                      mesh)
   path = workdir / "classifiers.npz"
   if not path.is_file():
     raise UserInputError(f"no {MISSING}: {path} is missing")
