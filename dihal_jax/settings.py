@@ -105,6 +105,7 @@ def _check_train(t) -> None:
 
 
 def _check_eval(e, window: int) -> None:
+  from dihal_jax.eval import evaluate  # the eval code only when its section is checked
   _need(e.num >= 2, f"--config.eval.num={e.num}: expected >= 2 samples per row")
   _need(e.seeds >= 1, f"--config.eval.seeds={e.seeds}: expected >= 1")
   _need(2 <= e.ngram_order <= window,
@@ -112,7 +113,7 @@ def _check_eval(e, window: int) -> None:
   _need(e.mdm_block >= 0 and window % max(e.mdm_block, 1) == 0, f"--config.eval.mdm_block="
         f"{e.mdm_block}: expected 0 (no mdm_block row) or a block size that divides "
         f"data.window={window}")
-  _need(e.mdm_block or "mdm_block" not in (m.strip() for m in e.methods.split(",")),
+  _need(e.mdm_block or "mdm_block" not in evaluate.named_methods(e),
         "--config.eval.mdm_block=0 (no block-diffusion row) but eval.methods names mdm_block; "
         "give a block size that divides data.window")
   _need(not e.prefix or 2 <= e.prefix <= window - 1,

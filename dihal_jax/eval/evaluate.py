@@ -99,11 +99,14 @@ def default_methods(config: ml_collections.ConfigDict) -> list[str]:
   return [m for m in METHODS if m not in skip]
 
 
+def named_methods(e: ml_collections.ConfigDict) -> list[str]:
+  """The rows eval.methods names, in its order (none when it is empty)."""
+  return [m.strip() for m in e.methods.split(",") if m.strip()]
+
+
 def chosen_methods(config: ml_collections.ConfigDict) -> list[str]:
   """eval.methods (empty: default_methods), checked before anything loads."""
-  e = config.eval
-  methods = ([m.strip() for m in e.methods.split(",") if m.strip()] if e.methods
-             else default_methods(config))
+  methods = named_methods(config.eval) or default_methods(config)
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise UserInputError(f"eval.methods: unknown {unknown}; known: {', '.join(METHODS)}")
