@@ -206,12 +206,12 @@ def base() -> ml_collections.ConfigDict:
   c.dglm.test_windows = 256  # test windows per book
   c.dglm.vectors = 8  # soft-prompt vectors
   c.dglm.hidden = 1024  # projector MLP width
-  c.dglm.lora_rank = 0  # LoRA adapters of the backbone trained with the projector; 0 = frozen
+  c.dglm.lora_rank = 16  # LoRA adapters of the backbone trained with the projector; 0 = frozen
   c.dglm.lora_alpha = 16.0  # their scale is lora_alpha / lora_rank
   c.dglm.lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   c.dglm.latent_noise = 0.5  # training latents + N(0, (s/sqrt d)^2), s ~ U(0, this)
   c.dglm.latent_dropout = 0.1  # training latents zeroed with this probability
-  c.dglm.steps = 400  # projector optimizer steps (backbone frozen)
+  c.dglm.steps = 800  # projector (and LoRA) optimizer steps
   c.dglm.batch_size = 8
   c.dglm.lr = 1e-3
   c.dglm.width = 768  # latent denoiser MLP width
@@ -222,8 +222,8 @@ def base() -> ml_collections.ConfigDict:
   c.dglm.cond_dropout = 0.1  # prefix latent dropped (for classifier-free guidance)
   c.dglm.sampler_steps = 50  # DDIM steps of the latent
   c.dglm.prefix_guidance = 1.0  # classifier-free guidance weight on the prefix
-  c.dglm.scale = 10.0  # classifier-guidance strength of the dglm_guided rows
-  c.dglm.scale_sweep = (3.0, 30.0, 100.0)  # extra strengths for the first target
+  c.dglm.scale = 30.0  # classifier-guidance strength of the dglm_guided rows
+  c.dglm.scale_sweep = (3.0, 10.0, 100.0)  # extra strengths for the first target
   c.dglm.targets = "book=moby_dick,book=austen,speech=dialogue,book=moby_dick+speech=dialogue"
   c.dglm.bridge_steps = 800  # DiHAL's labelled bridge (rows dihal, dihal_cfg/T); 0 = none
   c.dglm.bridge_guidance = 3.0  # its classifier-free guidance weight w

@@ -82,6 +82,12 @@ def test_the_projector_step_trains_the_adapters_and_not_the_backbone(models):
   for name, kernel in kernels.items():
     np.testing.assert_array_equal(np.asarray(LoRA._kernel(model, name)[...]), kernel)
   assert np.isfinite(float(metrics["loss"]))
+  # Its validation NLL (the report's too) is read by the adapted decoder.
+  adapted = float(soft_prompt.continuation_nll(trained.lora.apply(model), trained(latent),
+                                               tokens, 3))
+  plain = float(soft_prompt.continuation_nll(model, trained(latent), tokens, 3))
+  ours = float(soft_prompt.validation_nll(trained, model, tokens, latent, prefix=3))
+  assert ours == pytest.approx(adapted, rel=1e-6) and abs(ours - plain) > 1e-3
 
 
 def test_unknown_kernel_names_are_refused():

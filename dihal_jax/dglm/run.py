@@ -357,12 +357,13 @@ def run_dglm(config: ml_collections.ConfigDict, workdir: str | Path, *,
       makers[f"dglm_target_latent/{target_name(target, values)}"] = (
           lambda i, oracle=oracle: decode(i, oracle))
 
-  nll = {name: float(soft_prompt.continuation_nll(backbone, soft, jnp.asarray(test.tokens),
-                                                  d.prefix))
-         for name, soft in (
-             ("backbone", jnp.zeros((d.num, 0, backbone.cfg.hidden_size))),
-             ("no_latent", projector(jnp.zeros_like(jnp.asarray(test_z["continuation"])))),
-             ("true_latent", projector(jnp.asarray(test_z["continuation"]))))}
+  test_tokens, true_latent = jnp.asarray(test.tokens), jnp.asarray(test_z["continuation"])
+  nll = {"backbone": float(soft_prompt.continuation_nll(
+             backbone, jnp.zeros((d.num, 0, backbone.cfg.hidden_size)), test_tokens, d.prefix)),
+         **{name: float(soft_prompt.validation_nll(projector, backbone, test_tokens, latent,
+                                                   prefix=d.prefix))
+            for name, latent in (("no_latent", jnp.zeros_like(true_latent)),
+                                 ("true_latent", true_latent))}}
   reference = test_z["continuation"]  # the judges' features of the real continuations
   results, samples = {}, {}
   for index, (row, make) in enumerate(makers.items()):
