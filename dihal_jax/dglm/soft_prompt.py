@@ -1,13 +1,14 @@
 """The decoder side of DGLM: a projection of the sentence latent into k soft-prompt vectors
-placed before the frozen backbone's input embeddings.
+placed before the backbone's input embeddings, and LoRA adapters of the backbone.
 
-Trained (teacher forcing) to continue a prefix given the latent of the true continuation;
-the backbone is frozen, so the projector learns to say in the backbone's input space what
-the latent describes. With dglm.lora_rank > 0 the projector also carries LoRA adapters of the
-backbone (backbone/lora.py), trained with it, so the decoder can learn to follow the soft
-prompt rather than only be addressed by it. As in DGLM, the latent is perturbed during training (Gaussian noise of
-a random level, then renormalised) and dropped with a small probability (the projector sees
-zeros), so the decoder tolerates the imperfect latents the diffusion model proposes.
+Trained (teacher forcing) to continue a prefix given the latent of the true continuation.
+The backbone's own weights never change. With the backbone frozen (dglm.lora_rank = 0) the
+projector alone learns to say in the backbone's input space what the latent describes;
+with LoRA adapters (backbone/lora.py) trained beside it the decoder also learns to follow
+the soft prompt rather than only be addressed by it. As in DGLM, the latent is perturbed
+during training (Gaussian noise of a random level, then renormalised) and dropped with a
+small probability (the projector sees zeros), so the decoder tolerates the imperfect
+latents the diffusion model proposes.
 
 Sequence layout: [k soft vectors][separator, prefix (P)][continuation (C)], positions
 0..k + P + C; the loss is the cross-entropy of the continuation tokens only.
