@@ -4,7 +4,7 @@ Stages (each resumable; the workdir keeps what is done):
 1. passages of the books (dglm/passages.py) and their sentence latents (all-MiniLM-L6-v2,
    the judges' encoder), cached in latents.npz;
 2. linear latent classifiers per attribute (dglm/attributes.py);
-3. the soft-prompt projector, backbone frozen (dglm/soft_prompt.py) -> projector/;
+3. the soft-prompt projector and the LoRA adapters of the backbone (dglm/soft_prompt.py) -> projector/;
 4. the latent denoiser (dglm/latent_diffusion.py) -> latent_denoiser/;
 5. with dglm.bridge_steps > 0, DiHAL's bridge at l trained on the same passages with their
    attribute labels (dglm/bridge_guidance.py) -> dihal_cfg/;
