@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ml_collections
 
+from dihal_jax.backbone import lora
 from dihal_jax.parallel.sharding import DEFAULT_RULES
 
 
@@ -208,7 +209,7 @@ def base() -> ml_collections.ConfigDict:
   c.dglm.hidden = 1024  # projector MLP width
   c.dglm.lora_rank = 16  # LoRA adapters of the backbone trained with the projector; 0 = frozen
   c.dglm.lora_alpha = 16.0  # their scale is lora_alpha / lora_rank
-  c.dglm.lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+  c.dglm.lora_targets = lora.ALL  # comma-separated kernels of every block (lora.KERNELS)
   c.dglm.latent_noise = 0.5  # training latents + N(0, (s/sqrt d)^2), s ~ U(0, this)
   c.dglm.latent_dropout = 0.1  # training latents zeroed with this probability
   c.dglm.steps = 800  # projector (and LoRA) optimizer steps

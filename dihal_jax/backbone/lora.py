@@ -27,12 +27,17 @@ KERNELS = {"q_proj": ("attn", 1), "k_proj": ("attn", 1), "v_proj": ("attn", 1),
            "down_proj": ("mlp", 1)}
 
 
-def parse_targets(spec: str, flag: str = "--config.dglm.lora_targets") -> tuple[str, ...]:
-  """"q_proj,v_proj" -> ("q_proj", "v_proj"); one `dihal: error:` line for unknown names."""
+ALL = ",".join(KERNELS)
+
+
+def parse_targets(spec: str) -> tuple[str, ...]:
+  """"q_proj,v_proj" (dglm.lora_targets) -> ("q_proj", "v_proj"); one `dihal: error:` line
+  for unknown names."""
   names = tuple(p.strip() for p in spec.split(",") if p.strip())
   unknown = [n for n in names if n not in KERNELS]
   if unknown or not names:
-    raise UserInputError(f"{flag}={spec!r}: expected kernel names from {', '.join(KERNELS)}")
+    raise UserInputError(f"--config.dglm.lora_targets={spec!r}: expected kernel names from "
+                         f"{', '.join(KERNELS)}")
   return names
 
 

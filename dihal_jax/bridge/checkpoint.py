@@ -55,6 +55,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from dihal_jax.backbone import lora
 from dihal_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,7 @@ _ABSENT = "<absent>"
 # when the run keeps that value.
 FIELDS_ADDED = {"train.time_sampling": "uniform", "train.logit_normal": [0.0, 1.0],
                 "bridge.dtype": "float32", "mdm.block": 0, "dglm.lora_rank": 0,
-                "dglm.lora_alpha": 16.0,
-                "dglm.lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
+                "dglm.lora_alpha": 16.0, "dglm.lora_targets": lora.ALL}
 
 
 def stored_config(stored: dict) -> ml_collections.ConfigDict:

@@ -447,9 +447,7 @@ def summary(report: dict) -> str:
 
 
 def _decoder_line(report: dict) -> str:
-  d = report.get("decoder")
-  if d is None:
-    return ""
+  d = report["decoder"]
   adapters = (f", LoRA rank {d['lora_rank']} (alpha {d['lora_alpha']:g}) on "
               f"{d['lora_targets']}" if d["lora_rank"] else ", the backbone frozen")
   return (f" Decoder: {d['vectors']} soft-prompt vectors, projector trained "
