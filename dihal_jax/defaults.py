@@ -127,6 +127,19 @@ def base() -> ml_collections.ConfigDict:
   c.train.cache_windows = 4096  # train windows whose h_l is cached (the training set)
   c.train.val_windows = 256  # validation windows (fixed batch, fixed key)
 
+  # The tolerant decoder (hybrid/tolerant_decoder.py): LoRA adapters of the layers above ℓ
+  # trained after the bridge on its estimates of re-noised train states (`dihal train`, and
+  # the readouts of its workdir, use it when enabled).
+  c.tolerant = ml_collections.ConfigDict()
+  c.tolerant.enabled = False
+  c.tolerant.rank = 16
+  c.tolerant.alpha = 16.0
+  c.tolerant.steps = 300
+  c.tolerant.batch_size = 8
+  c.tolerant.lr = 5e-4
+  c.tolerant.checkpoint_every = 100
+  c.tolerant.val_every = 50
+
   c.mdm = ml_collections.ConfigDict()  # dihal mdm: the backbone post-trained into an MDM (mdm/)
   c.mdm.steps = -1  # optimizer steps; -1 = the bridge's windows (train.steps x train.batch_size)
   c.mdm.batch_size = 16  # global windows per step

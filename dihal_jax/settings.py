@@ -67,6 +67,8 @@ def check(config: ml_collections.ConfigDict, command: str) -> None:
     sweep.check(config)
   if command in TRAINS:
     _check_train(config.train)
+    from dihal_jax.hybrid import tolerant_decoder
+    tolerant_decoder.check(config.tolerant)
   if command in EVALUATES:
     _check_eval(config.eval, d.window)
   if command == "ablate":

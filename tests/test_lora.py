@@ -20,19 +20,22 @@ TORCH_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_at
                 "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def _randomised(model, targets, rank=3, alpha=6.0):
+def _randomised(model, targets, rank=3, alpha=6.0, first_layer=0):
   """An adapter whose B is random too (a fresh one is the identity)."""
-  lora = LoRA(model, rank=rank, alpha=alpha, targets=targets, rngs=nnx.Rngs(0))
+  lora = LoRA(model, rank=rank, alpha=alpha, targets=targets, rngs=nnx.Rngs(0),
+              first_layer=first_layer)
   rng = np.random.default_rng(1)
   for name in targets:
     lora.b[name][...] = jnp.asarray(rng.normal(size=lora.b[name].shape) * 0.2, jnp.float32)
   return lora
 
 
-@pytest.mark.parametrize("targets", [tuple(KERNELS), ("v_proj", "o_proj")])
-def test_adapted_logits_match_transformers_with_the_delta_added_by_hand(models, targets):
+@pytest.mark.parametrize("targets,first_layer", [(tuple(KERNELS), 0), (("v_proj", "o_proj"), 0),
+                                                 (tuple(KERNELS), 1)])
+def test_adapted_logits_match_transformers_with_the_delta_added_by_hand(models, targets,
+                                                                        first_layer):
   model, hf = models
-  lora = _randomised(model, targets)
+  lora = _randomised(model, targets, first_layer=first_layer)
   tokens = np.random.default_rng(2).integers(3, model.cfg.vocab_size, (2, 11)).astype(np.int32)
   ours = np.asarray(lora.apply(model)(jnp.asarray(tokens)))
   ref_model = copy.deepcopy(hf)
@@ -40,7 +43,7 @@ def test_adapted_logits_match_transformers_with_the_delta_added_by_hand(models, 
     for name in targets:
       a = np.asarray(lora.a[name][...], np.float64)
       b = np.asarray(lora.b[name][...], np.float64)
-      for layer, block in enumerate(ref_model.model.layers):
+      for layer, block in enumerate(ref_model.model.layers[first_layer:]):
         linear = getattr(getattr(block, TORCH_MODULE[name]), name)
         delta = (lora.scale * a[layer] @ b[layer]).T  # nn.Linear holds [out, in]
         linear.weight += torch.tensor(delta, dtype=linear.weight.dtype)
@@ -48,6 +51,10 @@ def test_adapted_logits_match_transformers_with_the_delta_added_by_hand(models, 
     plain = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   assert np.abs(ref - plain).max() > 1e-2  # the delta matters at this size
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+  if first_layer:  # the layers below keep their weights: their states are the backbone's
+    np.testing.assert_array_equal(np.asarray(lora.apply(model).lower(jnp.asarray(tokens),
+                                                                     first_layer)),
+                                  np.asarray(model.lower(jnp.asarray(tokens), first_layer)))
 
 
 def test_a_fresh_adapter_is_the_identity_and_apply_keeps_the_original(models):

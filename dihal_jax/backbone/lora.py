@@ -42,20 +42,24 @@ def parse_targets(spec: str) -> tuple[str, ...]:
 
 
 class LoRA(nnx.Module):
-  """Rank-`rank` adapters of `targets` in every layer of `backbone` (shapes read from it)."""
+  """Rank-`rank` adapters of `targets` in the layers first_layer.. of `backbone` (shapes read
+  from it; the layers below keep their weights: the tolerant decoder adapts only the layers
+  above the bridge's interface)."""
 
   def __init__(self, backbone: Decoder, *, rank: int, alpha: float, targets: tuple[str, ...],
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, first_layer: int = 0):
     self.scale = alpha / rank
     self.targets = tuple(targets)
+    self.first_layer = first_layer
     a, b = {}, {}
     for name in self.targets:
       shape = self._kernel(backbone, name).shape
       fan_in, fan_out = self._fans(name, shape)
       bound = 1 / math.sqrt(fan_in)
-      a[name] = nnx.Param(jax.random.uniform(rngs.params(), (shape[0], fan_in, rank),
+      layers = shape[0] - first_layer
+      a[name] = nnx.Param(jax.random.uniform(rngs.params(), (layers, fan_in, rank),
                                              minval=-bound, maxval=bound))
-      b[name] = nnx.Param(jnp.zeros((shape[0], rank, fan_out)))
+      b[name] = nnx.Param(jnp.zeros((layers, rank, fan_out)))
     self.a, self.b = nnx.Dict(a), nnx.Dict(b)
 
   @staticmethod
@@ -69,9 +73,10 @@ class LoRA(nnx.Module):
     return math.prod(shape[1:split]), math.prod(shape[split:])
 
   def delta(self, name: str, shape) -> jax.Array:
-    """(alpha / r) A B in the kernel's layout [L, ...]."""
-    return (self.scale * jnp.einsum("lir,lro->lio", self.a[name][...], self.b[name][...])
-            ).reshape(shape)
+    """(alpha / r) A B in the kernel's layout [L, ...] (zero below first_layer)."""
+    ab = self.scale * jnp.einsum("lir,lro->lio", self.a[name][...], self.b[name][...])
+    ab = jnp.pad(ab, ((self.first_layer, 0), (0, 0), (0, 0)))
+    return ab.reshape(shape)
 
   def apply(self, backbone: Decoder) -> Decoder:
     """A copy of `backbone` whose target kernels carry the adapters (the original is kept)."""

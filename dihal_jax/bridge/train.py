@@ -73,15 +73,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   if not 0 <= layer < backbone.cfg.num_layers:
     raise UserInputError(f"bridge.layer={layer}: expected 0..{backbone.cfg.num_layers - 1}")
   mesh, rules = mesh_and_rules(config)
-  # The cached windows are the first of each split, unshuffled: the seed does not enter the
-  # key, so runs that differ only in their seed (the sweep's) share one cache.
-  key_fields = {"model": hidden.checkpoint_fingerprint(ckpt_dir), "data": config.data.to_dict()}
-  caches = {}
-  for split, count in (("train", t.cache_windows), ("validation", t.val_windows)):
-    windows = data.first_windows(split, count)
-    caches[split] = hidden.cache_hidden_states(
-        backbone, windows, [layer], mesh=mesh, rules=rules, batch_size=t.batch_size,
-        cache_root=cache_root(config) / "hidden", key_fields=dict(key_fields, split=split))
+  caches = cached_splits(config, data, backbone, ckpt_dir, layer)
   denoiser.validate(config.bridge, backbone.cfg.num_layers, layer)
   stats = json.loads((caches["train"] / "stats.json").read_text())[str(layer)]
   train_states = np.load(caches["train"] / f"layer_{layer}.npy", mmap_mode="r")
@@ -147,6 +139,22 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           "interrupted": result.interrupted,
           "cache": {k: str(v) for k, v in caches.items()},
           "timings": {"setup_s": setup_s, "total_s": time.perf_counter() - t0}}
+
+
+def cached_splits(config: ml_collections.ConfigDict, data: Data, backbone, ckpt_dir: Path,
+                  layer: int) -> dict[str, Path]:
+  """{"train", "validation"}: the hidden-state caches of h_layer the bridge trains and
+  validates on (the first train.cache_windows / train.val_windows windows; built once)."""
+  t = config.train
+  mesh, rules = mesh_and_rules(config)
+  # The cached windows are the first of each split, unshuffled: the seed does not enter the
+  # key, so runs that differ only in their seed (the sweep's) share one cache.
+  key_fields = {"model": hidden.checkpoint_fingerprint(ckpt_dir), "data": config.data.to_dict()}
+  return {split: hidden.cache_hidden_states(
+      backbone, data.first_windows(split, count), [layer], mesh=mesh, rules=rules,
+      batch_size=t.batch_size, cache_root=cache_root(config) / "hidden",
+      key_fields=dict(key_fields, split=split))
+      for split, count in (("train", t.cache_windows), ("validation", t.val_windows))}
 
 
 def time_distribution(t: ml_collections.ConfigDict) -> tuple[float, float] | None:

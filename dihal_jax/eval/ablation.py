@@ -7,6 +7,9 @@ rate and sampler; only the denoiser, its initialization and the token loss diffe
   transformer_backbone         the same blocks copied from the backbone (ℓ+1..ℓ+m)
   transformer_backbone_ce      ... plus the auxiliary token loss (train.token_ce)
   unet_logit_normal            unet_scratch trained at logit-normal times (train.logit_normal)
+  unet_scratch_tolerant        unet_scratch read through a tolerant decoder (tolerant.*:
+                               LoRA on the layers above ℓ trained on the bridge's estimates)
+  transformer_backbone_tolerant  transformer_backbone, the same
 Each bridge trains into workdir/NAME (resumable: an interrupted ablation restarts where
 it stopped; finished rows are reused). `ablate.rows` picks a subset (e.g. the winner
 alone at another layer, for the ℓ* vs ℓ = 0 comparison).
@@ -21,7 +24,8 @@ alone, before any judge is read). Judges: the backbone (self-judged gen PPL), th
 Kneser–Ney n-gram judge, MAUVE against held-out test windows, 95% bootstrap intervals.
 Oracle rows read the *true* states of the held-out windows with `joint` (each β, matched
 the same way) and `identity`: a readout whose oracle does not return real text is not
-measuring the bridge.
+measuring the bridge. A tolerant row's joint reads go through its adapted decoder, so it
+has its own oracle (`decoder_oracle`, the true states through that decoder).
 
 SIGTERM during training saves the row's checkpoint and stops the ablation
 (`TrainingInterrupted` naming the row). Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "oracle",
@@ -53,6 +57,7 @@ from dihal_jax.eval.judges import Judges
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.hybrid.readout import Readout
 from dihal_jax.hybrid.sample import current_token_head
+from dihal_jax.hybrid.tolerant_decoder import readout_backbone, train_tolerant_decoder
 from dihal_jax.overrides import overridden
 from dihal_jax.parallel.sharding import mesh_and_rules
 
@@ -66,6 +71,11 @@ ROWS = {
                                 "train.token_ce": None},  # None: the config's train.token_ce
     "unet_logit_normal": {"bridge.denoiser": "unet", "bridge.init": "scratch",
                           "train.token_ce": 0.0, "train.time_sampling": "logit_normal"},
+    "unet_scratch_tolerant": {"bridge.denoiser": "unet", "bridge.init": "scratch",
+                              "train.token_ce": 0.0, "tolerant.enabled": True},
+    "transformer_backbone_tolerant": {"bridge.denoiser": "transformer",
+                                      "bridge.init": "backbone", "train.token_ce": 0.0,
+                                      "tolerant.enabled": True},
 }
 ENTROPY_TOL = 0.1  # nats
 T_RANGE = (0.05, 4.0)  # the bisection's bracket
@@ -114,17 +124,21 @@ def chosen_rows(config: ml_collections.ConfigDict) -> dict[str, dict]:
 
 
 def train_rows(config: ml_collections.ConfigDict, workdir: Path, chosen: dict, layer: int,
-               progress: bool) -> dict:
-  """Trains (or resumes) each row's bridge into workdir/NAME: {train_NAME_s: seconds}.
-  Raises `TrainingInterrupted` when SIGTERM stopped one (saved; the same command resumes)."""
-  timings = {}
+               progress: bool) -> tuple[dict, dict]:
+  """Trains (or resumes) each row's bridge into workdir/NAME, then its tolerant decoder if it
+  has one: ({train_NAME_s: seconds}, {NAME: the decoder's validation NLLs}). Raises
+  `TrainingInterrupted` when SIGTERM stopped one (saved; the same command resumes)."""
+  timings, decoders = {}, {}
   for name, overrides in chosen.items():
     tick = time.perf_counter()
-    trained = run_train(row_config(config, overrides, layer), workdir / name, progress=progress)
-    timings[f"train_{name}_s"] = time.perf_counter() - tick
+    cfg = row_config(config, overrides, layer)
+    trained = run_train(cfg, workdir / name, progress=progress)
     if trained["interrupted"]:
       raise TrainingInterrupted(f"the {name} bridge")
-  return timings
+    if cfg.tolerant.enabled:
+      decoders[name] = train_tolerant_decoder(cfg, workdir / name, progress=progress)["val_nll"]
+    timings[f"train_{name}_s"] = time.perf_counter() - tick
+  return timings, decoders
 
 
 @dataclasses.dataclass
@@ -177,27 +191,29 @@ def beta_key(beta: float) -> str:
   return f"joint_beta{beta:g}"
 
 
-def matched_joint_reads(b: Bench, states: np.ndarray, head, key) -> dict[float, tuple]:
-  """{β: (T, tokens, matched, read)} of the joint readout of `states`, entropy-matched at
-  every β of the ladder (`read(T)` draws at any other T); the scores of one β are sorted
+def matched_joint_reads(b: Bench, states: np.ndarray, head, key,
+                        reader: Readout) -> dict[float, tuple]:
+  """{β: (T, tokens, matched, read)} of `reader`'s joint readout of `states`, entropy-matched
+  at every β of the ladder (`read(T)` draws at any other T); the scores of one β are sorted
   once and drawn at every T of its bisection."""
   read_key, out = jax.random.fold_in(key, READ_STREAM), {}
   for beta in betas(b.config):
-    scores = [b.reader.joint_scores(states[j:j + b.batch], head, beta)
+    scores = [reader.joint_scores(states[j:j + b.batch], head, beta)
               for j in range(0, len(states), b.batch)]
     read = lambda t, scores=scores: np.concatenate([  # noqa: E731
-        np.asarray(b.reader.draw(sc, jax.random.fold_in(read_key, j), t,
+        np.asarray(reader.draw(sc, jax.random.fold_in(read_key, j), t,
                                  b.config.sample.top_p))
         for j, sc in enumerate(scores)])
     out[beta] = (*matched_temperature(read, b.real_row["entropy"]), read)
   return out
 
 
-def oracle_rows(b: Bench, head) -> dict:
-  """{read: values} of the `joint` readouts (each β, entropy-matched) and the `identity`
-  readout of the real windows' true states."""
+def oracle_rows(b: Bench, head, reader: Readout) -> dict:
+  """{read: values} of `reader`'s `joint` readouts (each β, entropy-matched) and the
+  `identity` readout of the real windows' true states."""
   truth = {beta_key(beta): (tokens, {"beta": beta, "temperature": t, "entropy_matched": ok})
-           for beta, (t, tokens, ok, _) in matched_joint_reads(b, b.real_h, head, b.key).items()}
+           for beta, (t, tokens, ok, _) in matched_joint_reads(b, b.real_h, head, b.key,
+                                                               reader).items()}
   truth["identity"] = (_with_separator(np.asarray(head(b.real_h)), b.real), {})
   oracle = {}
   for read, (tokens, how) in truth.items():
@@ -217,12 +233,13 @@ def sampled_states(b: Bench, bridge: TrainedBridge, key) -> tuple[np.ndarray, np
   return template, states
 
 
-def entropy_matched_reads(b: Bench, states: np.ndarray, template: np.ndarray, head,
-                          key) -> tuple[dict, dict]:
+def entropy_matched_reads(b: Bench, states: np.ndarray, template: np.ndarray, head, key,
+                          reader: Readout) -> tuple[dict, dict]:
   """({read: values} of `joint_beta<β>` (entropy-matched at each β), `joint_untuned` and
   `identity`, {β: the matched tokens})."""
   reads, tokens = {}, {}
-  for beta, (t, matched_tokens, ok, read) in matched_joint_reads(b, states, head, key).items():
+  for beta, (t, matched_tokens, ok, read) in matched_joint_reads(b, states, head, key,
+                                                                 reader).items():
     reads[beta_key(beta)] = dict(b.judged(matched_tokens), beta=beta, temperature=t,
                                  entropy_matched=ok)
     tokens[beta] = matched_tokens
@@ -234,11 +251,12 @@ def entropy_matched_reads(b: Bench, states: np.ndarray, template: np.ndarray, he
 
 
 def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.ConfigDict,
-              key) -> dict:
+              key, reader: Readout) -> dict:
   """One row's report: its protocol, its entropy-matched values (the headline), the spread
-  ratio, the bridge diagnostics, every read and a few samples."""
+  ratio, the bridge diagnostics, every read and a few samples; `reader` reads its states
+  (b.reader, or the row's tolerant decoder)."""
   template, states = sampled_states(b, bridge, key)
-  reads, matched_tokens = entropy_matched_reads(b, states, template, head, key)
+  reads, matched_tokens = entropy_matched_reads(b, states, template, head, key, reader)
   texts = {beta_key(beta): [b.data.tokenizer.decode(r[1:].tolist())
                             for r in tokens[:b.config.eval.show]]
            for beta, tokens in matched_tokens.items()}
@@ -246,7 +264,8 @@ def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.C
   real_z = np.asarray(bridge.norm.forward(jnp.asarray(b.real_h)))[:, 1:]
   return {
       "denoiser": bridge.kind, "init": train_cfg.bridge.init,
-      "token_ce": float(train_cfg.train.token_ce), "tolerant_decoder": False,
+      "token_ce": float(train_cfg.train.token_ce),
+      "tolerant_decoder": bool(train_cfg.tolerant.enabled),
       "time_sampling": train_cfg.train.time_sampling,
       "readout": "joint", "params": bridge.params_count, "steps": bridge.step,
       "batch_size": train_cfg.train.batch_size, "lr": train_cfg.train.lr,
@@ -264,7 +283,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
   workdir, t0 = Path(workdir), time.perf_counter()
   chosen = chosen_rows(config)
   layer = interface_layer(config, workdir)
-  timings = train_rows(config, workdir, chosen, layer, progress)
+  timings, decoders = train_rows(config, workdir, chosen, layer, progress)
   b = Bench.load(config, workdir, layer)
   mesh, _ = mesh_and_rules(config)
   rows, head, oracle = {}, None, {}
@@ -274,9 +293,16 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
     bridge = load_bridge(workdir / name, mesh)
     if head is None:  # the same layer and normalizer in every row: one head
       head = current_token_head(bridge, b.judges.backbone.cfg.vocab_size)
-      oracle = oracle_rows(b, head)
+      oracle = oracle_rows(b, head, b.reader)
+    reader, own = b.reader, {}
+    if name in decoders:
+      reader = Readout(readout_backbone(workdir / name, b.judges.backbone, mesh), layer,
+                       b.data.separator)
+      own = {"decoder_val_nll": decoders[name],
+             "decoder_oracle": {k: v for k, v in oracle_rows(b, head, reader).items()
+                                if k != "identity"}}
     rows[name] = {**judge_row(b, bridge, head, row_config(config, overrides, layer),
-                              jax.random.fold_in(b.key, i)),
+                              jax.random.fold_in(b.key, i), reader), **own,
                   "eval_s": time.perf_counter() - tick}
   report = assemble_report(config, b, layer, rows, oracle, head,
                            dict(timings, total_s=time.perf_counter() - t0))
@@ -386,6 +412,16 @@ def summary(report: dict) -> str:
     lines += ["", f"Winner {report['winner']}: n-gram PPL {v['ngram_vs_real']:.1f}x real "
               f"text's, gen PPL {v['gen_ppl_vs_real']:.1f}x; beats unet_scratch outside the 95% "
               f"intervals: {'n/a (no unet_scratch row)' if beats is None else beats}."]
+  for name, r in report["rows"].items():
+    if "decoder_oracle" in r:
+      o = r["decoder_oracle"][beta_key(ro["beta"])]
+      lines += ["", f"{name}'s tolerant decoder: its oracle (true states through it, joint at "
+                f"β = {ro['beta']:g}) {_ci(o, 'ngram_ppl')} n-gram PPL @ {o['entropy']:.2f}, "
+                f"{o['token_accuracy']:.1%} of tokens; validation NLL of the bridge's "
+                f"estimates {r['decoder_val_nll']['plain_on_estimates']:.3f} plain -> "
+                f"{r['decoder_val_nll']['adapted_on_estimates']:.3f} adapted (true states "
+                f"{r['decoder_val_nll']['plain_on_true']:.3f} -> "
+                f"{r['decoder_val_nll']['adapted_on_true']:.3f})."]
   lines += ["", "Every β (n-gram PPL [95% interval] @ entropy, T; * = not entropy-matched):", ""]
   by_beta = [["oracle (true states)"] + [_at(report["oracle"][beta_key(v)]) for v in ro["betas"]]]
   by_beta += [[name] + [_at(r["reads"][beta_key(v)]) for v in ro["betas"]]

@@ -70,6 +70,7 @@ from dihal_jax.eval.rows import ROWS, RowGenerators
 from dihal_jax.hybrid.bridge_sampler import load_bridge
 from dihal_jax.hybrid.readout import Readout, nearest_embedding
 from dihal_jax.hybrid.sample import current_token_head, readout_config
+from dihal_jax.hybrid.tolerant_decoder import readout_backbone
 from dihal_jax.mdm import sampler as mdm_sampler
 from dihal_jax.mdm.train import load_mdm, run_mdm
 from dihal_jax.overrides import overridden
@@ -168,9 +169,10 @@ def evaluation_sets(data: Data, num: int) -> dict[str, tuple[np.ndarray, np.ndar
 
 def _load_main(gens: RowGenerators, config, workdir: Path, separator: int, progress: bool):
   """The bridge at l* (`dihal train`'s), its readout and its current-token head."""
-  gens.bridges["main"] = load_bridge(workdir, mesh_and_rules(config)[0],
-                                     kind=config.bridge.denoiser)
-  gens.readers["main"] = Readout(gens.backbone, gens.bridges["main"].layer, separator)
+  mesh = mesh_and_rules(config)[0]
+  gens.bridges["main"] = load_bridge(workdir, mesh, kind=config.bridge.denoiser)
+  gens.readers["main"] = Readout(readout_backbone(workdir, gens.backbone, mesh),
+                                 gens.bridges["main"].layer, separator)
   gens.head = current_token_head(gens.bridges["main"], gens.backbone.cfg.vocab_size)
 
 

@@ -28,6 +28,7 @@ from dihal_jax.parallel.sharding import mesh_and_rules
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
 from dihal_jax.bridge.token_head import ClassMeanHead
 from dihal_jax.hybrid.readout import Readout, ReadoutConfig
+from dihal_jax.hybrid.tolerant_decoder import readout_backbone
 
 GAP = "[___]"
 
@@ -72,13 +73,15 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str | Path, *, prompt
                infill: str = "", progress: bool = True) -> dict:
   workdir = Path(workdir)
   s = config.sample
-  bridge = load_bridge(workdir, mesh_and_rules(config)[0], kind=config.bridge.denoiser)
+  mesh = mesh_and_rules(config)[0]
+  bridge = load_bridge(workdir, mesh, kind=config.bridge.denoiser)
   ckpt = checkpoint.checkpoint_dir(config, workdir)
   tokenizer = checkpoint.load_tokenizer(ckpt)
   if tokenizer is None:
     raise UserInputError(f"{ckpt}: the checkpoint has no tokenizer; sample needs text")
   backbone = checkpoint.load_backbone(config, ckpt)
-  reader = Readout(backbone, bridge.layer, checkpoint.separator_id(tokenizer, config))
+  reader = Readout(readout_backbone(workdir, backbone, mesh), bridge.layer,
+                   checkpoint.separator_id(tokenizer, config))
   length = s.length or config.data.window
   if s.num < 1:
     raise UserInputError(f"sample.num={s.num}: expected >= 1")
