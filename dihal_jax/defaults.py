@@ -115,6 +115,12 @@ def base() -> ml_collections.ConfigDict:
   # Weight of the auxiliary token loss: cross-entropy of the true tokens under the
   # current-token head applied to the x0 estimate (bridge/train_step.py); 0 = off.
   c.train.token_ce = 0.0
+  # Weight of the upper-layer token loss: the x0 estimates of train.upper_ce_windows windows
+  # per step through the frozen upper layers and LM head, cross-entropy of the true next
+  # tokens (bridge/train_step.py::UpperCE); 0 = off. Each window costs a pass through the
+  # upper layers and back.
+  c.train.upper_ce = 0.0
+  c.train.upper_ce_windows = 2
   # Training times: "uniform" t ~ U(1e-3, 1), or "logit_normal": logit(t) ~ N(mean, std)
   # (train.logit_normal = (mean, std)), which puts the steps on middle noise levels.
   # Validation always draws uniform t, so losses compare across the two.

@@ -100,6 +100,9 @@ def _check_train(t) -> None:
         f"--config.train.cache_windows={t.cache_windows}: fewer than one batch of "
         f"train.batch_size={t.batch_size}")
   _need(t.val_windows >= 1, f"--config.train.val_windows={t.val_windows}: expected >= 1")
+  _need(t.upper_ce >= 0 and 1 <= t.upper_ce_windows <= t.batch_size,
+        f"--config.train.upper_ce={t.upper_ce}, upper_ce_windows={t.upper_ce_windows}: "
+        f"expected a weight >= 0 and 1 <= windows <= train.batch_size={t.batch_size}")
   _need(t.time_sampling in ("uniform", "logit_normal"), f"--config.train.time_sampling="
         f"{t.time_sampling!r}: expected uniform or logit_normal")
   _need(len(t.logit_normal) == 2 and t.logit_normal[1] > 0, f"--config.train.logit_normal="

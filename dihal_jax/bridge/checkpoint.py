@@ -66,7 +66,8 @@ _ABSENT = "<absent>"
 # when the run keeps that value.
 FIELDS_ADDED = {"train.time_sampling": "uniform", "train.logit_normal": [0.0, 1.0],
                 "bridge.dtype": "float32", "mdm.block": 0, "dglm.lora_rank": 0,
-                "dglm.lora_alpha": 16.0, "dglm.lora_targets": lora.ALL}
+                "dglm.lora_alpha": 16.0, "dglm.lora_targets": lora.ALL, "train.upper_ce": 0.0,
+                "train.upper_ce_windows": 2}
 
 
 def stored_config(stored: dict) -> ml_collections.ConfigDict:

@@ -28,8 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dihal_jax.backbone import checkpoint as backbone_checkpoint
 from dihal_jax.bridge import denoiser
 from dihal_jax.bridge.normalization import Normalizer, covariance, pca_components
-from dihal_jax.bridge.train_step import (OptimConfig, draw_corruption, init_train_state,
-                                         make_optimizer, make_train_step, objective)
+from dihal_jax.bridge.train_step import (OptimConfig, UpperCE, draw_corruption,
+                                         init_train_state, make_optimizer, make_train_step,
+                                         objective)
 from dihal_jax.bridge.training_loop import Cadence, run_loop
 from dihal_jax.bridge.token_head import ClassMeanHead
 from dihal_jax.data import hidden
@@ -85,6 +86,12 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   model = denoiser.build(config.bridge, dim, norm, seed=config.seed, backbone=backbone,
                          layer=layer)
   vocab_size = backbone.cfg.vocab_size
+  upper_ce = upper = None
+  if t.upper_ce:
+    upper_ce = UpperCE(weight=float(t.upper_ce), windows=int(t.upper_ce_windows), layer=layer,
+                       graphdef=nnx.graphdef(backbone))
+    upper = {"backbone": nnx.state(backbone), "mean": norm.mean, "scale": norm.scale,
+             "basis": norm.basis}
   del backbone
   if config.bridge.pca_init:
     if config.bridge.denoiser != "unet":
@@ -109,7 +116,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   state = init_train_state(model, make_optimizer(optim_cfg))
   step_fn = make_train_step(diffusion_cfg, optim_cfg, mesh, rules,
                             self_condition_prob=t.self_condition_prob, token_ce=t.token_ce,
-                            token_head=token_head, logit_normal=time_distribution(t))
+                            token_head=token_head, logit_normal=time_distribution(t),
+                            upper_ce=upper_ce, upper=upper)
   batches = iter(hidden.cached_batches(caches["train"], layer, batch_size=t.batch_size,
                                        seed=config.seed, shard_index=jax.process_index(),
                                        shard_count=jax.process_count()))
@@ -118,7 +126,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
       NamedSharding(mesh, PartitionSpec()))  # the same fixed batch, replicated
   key = jax.random.key(config.seed)
   val_loss_fn = validation_loss_fn(state, diffusion_cfg, jax.random.key(config.seed + 1))
-  logged = ("loss", "grad_norm") + (("mse", "token_ce") if t.token_ce else ())
+  logged = (("loss", "grad_norm") + (("mse",) if t.token_ce or t.upper_ce else ())
+            + (("token_ce",) if t.token_ce else ()) + (("upper_ce",) if t.upper_ce else ()))
 
   def step(state, batch):
     x0 = norm.forward(batch["h"])

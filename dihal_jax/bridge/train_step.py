@@ -13,7 +13,10 @@ for half the examples), class labels with label dropout (for guidance), and an
 auxiliary token loss: token_ce · cross-entropy of the true tokens at the unknown
 positions under the current-token head (bridge/token_head.py) applied to the x0
 estimate, which asks the denoiser for states that decode to the right tokens, not
-only for a small MSE.
+only for a small MSE; and the upper-layer token loss (`UpperCE`): the x0 estimates of
+a few windows per step, in backbone units, through the frozen upper layers and LM head,
+with the cross-entropy of the true next tokens, which brings the backbone's own
+knowledge of language into the bridge's gradient.
 
 Why this way:
 - Every random draw comes from `fold_in(key, state.step)`: the caller passes
@@ -54,6 +57,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dihal_jax.bridge import diffusion
+from dihal_jax.bridge.normalization import Normalizer
 from dihal_jax.bridge.token_head import class_scores
 from dihal_jax.parallel.sharding import Rules, batch_sharding, param_shardings, put_global
 
@@ -218,6 +222,34 @@ def token_loss(x0_hat: jax.Array, tokens: jax.Array, unknown_mask: jax.Array,
   return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class UpperCE:
+  """The upper-layer token loss's static settings (hashable: a jit static): its weight, the
+  windows of each batch it reads (each costs a pass through the upper layers and back), the
+  interface layer and the backbone's graphdef. Its arrays come per call as `upper`:
+  {"backbone": the backbone's nnx.State, "mean", "scale", "basis": the normalizer's}."""
+
+  weight: float
+  windows: int
+  layer: int
+  graphdef: nnx.GraphDef
+
+
+def upper_token_loss(x0_hat: jax.Array, tokens: jax.Array, unknown_mask: jax.Array,
+                     upper: dict, cfg: UpperCE) -> jax.Array:
+  """Mean -log p_LM(token i | x0_hat at positions < i) over the positions i whose token is
+  unknown, for the first cfg.windows windows; x0_hat in normalized units (position 0 and
+  the other known positions should hold the clean values)."""
+  k = cfg.windows
+  norm = Normalizer("", upper["mean"], upper["scale"], upper["basis"])
+  backbone = nnx.merge(cfg.graphdef, upper["backbone"])
+  logits = backbone.upper(norm.inverse(x0_hat[:k]), cfg.layer)[:, :-1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens[:k, 1:, None], axis=-1)[..., 0]
+  weight = jnp.asarray(unknown_mask[:k, 1:], jnp.float32)
+  return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
 def draw_corruption(keys, x0: jax.Array, logit_normal: tuple[float, float] | None = None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(t [B], known_mask [B, n], noise [B, n, d]): the training distribution's draws for clean
@@ -267,14 +299,15 @@ def objective(model: nnx.Module, x0: jax.Array, noise: jax.Array, t: jax.Array,
 
 def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
                labels: jax.Array | None = None, tokens: jax.Array | None = None,
-               head: dict | None = None, *,
+               head: dict | None = None, upper: dict | None = None, *,
                diffusion_cfg: diffusion.DiffusionConfig,
                optimizer: optax.GradientTransformation,
                optim_cfg: OptimConfig,
                self_condition_prob: float = 0.5,
                label_dropout: float = 0.1,
                token_ce: float = 0.0,
-               logit_normal: tuple[float, float] | None = None
+               logit_normal: tuple[float, float] | None = None,
+               upper_ce: UpperCE | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW step on the diffusion loss (un-jitted; see `make_train_step`).
 
@@ -296,9 +329,12 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
       `token_loss`) and the weight of the token loss (0 = off; then both may be None).
     logit_normal: (mean, std) of logit(t) for the training times (None: uniform t); see
       `draw_corruption`.
+    upper, upper_ce: the upper-layer token loss's arrays and settings (`UpperCE`; None =
+      off); it needs `tokens`.
   Returns:
     (new state, {"loss": total, "mse": the diffusion loss, "token_ce": the token loss (0 when
-    off), "grad_norm": before clipping}).
+    off), "upper_ce": the upper-layer token loss (0 when off), "grad_norm": before
+    clipping}).
   """
   chex.assert_rank(batch_x0, 3)
   b, n, _ = batch_x0.shape
@@ -317,15 +353,20 @@ def train_step(state: TrainState, batch_x0: jax.Array, key: jax.Array,
     _reseed(model, k_drop)
     mse, out, x_t = objective(model, x0, noise, t, known_mask, diffusion_cfg, labels=labels,
                               self_condition=use, deterministic=False)
-    ce = jnp.zeros((), jnp.float32)
+    ce = uce = jnp.zeros((), jnp.float32)
+    x0_hat = diffusion.predict_x0_eps(out, x_t, t, diffusion_cfg)[0]
     if token_ce:
-      x0_hat, _ = diffusion.predict_x0_eps(out, x_t, t, diffusion_cfg)
       ce = token_loss(x0_hat, tokens, ~known_mask, head)
-    return mse + token_ce * ce, (mse, ce)
+    if upper_ce is not None:
+      uce = upper_token_loss(jnp.where(known_mask[..., None], x0, x0_hat), tokens, ~known_mask,
+                             upper, upper_ce)
+    weight = 0.0 if upper_ce is None else upper_ce.weight
+    return mse + token_ce * ce + weight * uce, (mse, ce, uce)
 
-  (loss, (mse, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (mse, ce, uce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = apply_gradients(state, grads, optimizer, optim_cfg)
-  metrics = {"loss": loss, "mse": mse, "token_ce": ce, "grad_norm": optax.tree.norm(grads)}
+  metrics = {"loss": loss, "mse": mse, "token_ce": ce, "upper_ce": uce,
+             "grad_norm": optax.tree.norm(grads)}
   return new_state, metrics
 
 
@@ -358,10 +399,12 @@ def jit_train_step(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
                    optimizer: optax.GradientTransformation, optim_cfg: OptimConfig, *,
                    labels: bool = False, self_condition_prob: float = 0.5,
                    label_dropout: float = 0.1, token_ce: float = 0.0,
-                   logit_normal: tuple[float, float] | None = None):
+                   logit_normal: tuple[float, float] | None = None,
+                   upper_ce: UpperCE | None = None, upper_shardings=None):
   """(`train_step` jitted for `mesh`, the state's shardings): called as (state, batch
-  [B, n, d], key, labels, tokens, head), the batch split over the batch axes, labels (when
-  `labels`) too, tokens and head only with token_ce > 0; the state is donated. The one
+  [B, n, d], key, labels, tokens, head, upper), the batch split over the batch axes, labels
+  (when `labels`) too, tokens with token_ce > 0 or upper_ce, head only with token_ce > 0,
+  upper (placed at `upper_shardings`) only with upper_ce; the state is donated. The one
   jit/sharding/donation wiring of the step (`make_train_step`, `planning/aot.py`)."""
   x_sharding = batch_sharding(mesh, rules, 3)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -369,11 +412,13 @@ def jit_train_step(state: TrainState, mesh: jax.sharding.Mesh, rules: Rules,
   fn = functools.partial(train_step, diffusion_cfg=diffusion_cfg, optimizer=optimizer,
                          optim_cfg=optim_cfg, self_condition_prob=self_condition_prob,
                          label_dropout=label_dropout, token_ce=token_ce,
-                         logit_normal=logit_normal)
+                         logit_normal=logit_normal, upper_ce=upper_ce)
+  needs_tokens = bool(token_ce) or upper_ce is not None
   jitted = jax.jit(fn, in_shardings=(shardings, x_sharding, replicated,
                                      batch_sharding(mesh, rules, 1) if labels else None,
-                                     batch_sharding(mesh, rules, 2) if token_ce else None,
-                                     replicated if token_ce else None),
+                                     batch_sharding(mesh, rules, 2) if needs_tokens else None,
+                                     replicated if token_ce else None,
+                                     upper_shardings if upper_ce is not None else None),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
   return jitted, shardings
 
@@ -382,12 +427,14 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
                     mesh: jax.sharding.Mesh, rules: Rules, *, self_condition_prob: float = 0.5,
                     label_dropout: float = 0.1, token_ce: float = 0.0,
                     token_head: dict | None = None,
-                    logit_normal: tuple[float, float] | None = None):
+                    logit_normal: tuple[float, float] | None = None,
+                    upper_ce: UpperCE | None = None, upper: dict | None = None):
   """A callable (state, batch [B, n, d], key, labels=None, tokens=None) -> (new state,
   metrics), jitted once; its `flops()` is the step's XLA FLOP count once it has run. With
   token_ce > 0, `token_head` (see `token_loss`) is placed replicated once and every call
-  needs the batch's tokens [B, n]. logit_normal: see `draw_corruption` (None: uniform
-  training times).
+  needs the batch's tokens [B, n]; so does `upper_ce` (its arrays `upper`, see `UpperCE`:
+  the backbone state kept where it is, the normalizer's arrays replicated). logit_normal:
+  see `draw_corruption` (None: uniform training times).
 
   The first call fixes the state's shardings (`state_shardings`); a state not
   placed there yet (fresh or restored) is moved once (checked on one leaf: a
@@ -404,6 +451,13 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
   if token_ce and token_head is None:
     raise ValueError("make_train_step: token_ce > 0 needs the token head")
   head = put_global(dict(token_head), replicated) if token_ce else None
+  if upper_ce is not None and upper is None:
+    raise ValueError("make_train_step: upper_ce needs the upper layers' arrays")
+  upper_shardings = None
+  if upper_ce is not None:
+    upper_shardings = {"backbone": param_shardings(upper["backbone"], mesh, rules),
+                       **{k: replicated for k in ("mean", "scale", "basis")}}
+    upper = put_global(dict(upper), upper_shardings)
   token_sharding = batch_sharding(mesh, rules, 2)
   compiled = {}
 
@@ -413,7 +467,8 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
       compiled["fn"], compiled["shardings"] = jit_train_step(
           state, mesh, rules, diffusion_cfg, optimizer, optim_cfg, labels=labels is not None,
           self_condition_prob=self_condition_prob, label_dropout=label_dropout,
-          token_ce=token_ce, logit_normal=logit_normal)
+          token_ce=token_ce, logit_normal=logit_normal, upper_ce=upper_ce,
+          upper_shardings=upper_shardings)
     first = jax.tree.leaves(state.params)[0]
     if getattr(first, "sharding", None) != jax.tree.leaves(compiled["shardings"].params)[0]:
       state = put_global(state, compiled["shardings"])  # ~1,200 leaves: only when needed
@@ -422,14 +477,15 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
     if labels is not None:
       labels = jax.make_array_from_process_local_data(label_sharding,
                                                       np.asarray(labels, np.int32))
-    if token_ce:
+    if token_ce or upper_ce is not None:
       tokens = jax.make_array_from_process_local_data(token_sharding,
                                                       np.asarray(tokens, np.int32))
     else:
       tokens = None
     if new:  # before the call, which donates the state
-      compiled["flops"] = lowered_flops(compiled["fn"], state, batch, key, labels, tokens, head)
-    return compiled["fn"](state, batch, key, labels, tokens, head)
+      compiled["flops"] = lowered_flops(compiled["fn"], state, batch, key, labels, tokens, head,
+                                        upper)
+    return compiled["fn"](state, batch, key, labels, tokens, head, upper)
 
   step.flops = lambda: compiled.get("flops")  # the step's FLOPs, known after the first call
   return step

@@ -7,6 +7,8 @@ rate and sampler; only the denoiser, its initialization and the token loss diffe
   transformer_backbone         the same blocks copied from the backbone (ℓ+1..ℓ+m)
   transformer_backbone_ce      ... plus the auxiliary token loss (train.token_ce)
   unet_logit_normal            unet_scratch trained at logit-normal times (train.logit_normal)
+  unet_upper_ce                unet_scratch plus the upper-layer token loss (train.upper_ce:
+                               its x0 estimates through the frozen upper layers and LM head)
   unet_scratch_tolerant        unet_scratch read through a tolerant decoder (tolerant.*:
                                LoRA on the layers above ℓ trained on the bridge's estimates)
   transformer_backbone_tolerant  transformer_backbone, the same
@@ -61,21 +63,23 @@ from dihal_jax.hybrid.tolerant_decoder import readout_backbone, train_tolerant_d
 from dihal_jax.overrides import overridden
 from dihal_jax.parallel.sharding import mesh_and_rules
 
+PLAIN = {"train.token_ce": 0.0, "train.upper_ce": 0.0}  # the auxiliary token losses off
 ROWS = {
-    "unet_scratch": {"bridge.denoiser": "unet", "bridge.init": "scratch", "train.token_ce": 0.0},
-    "transformer_scratch": {"bridge.denoiser": "transformer", "bridge.init": "scratch",
-                            "train.token_ce": 0.0},
-    "transformer_backbone": {"bridge.denoiser": "transformer", "bridge.init": "backbone",
-                             "train.token_ce": 0.0},
-    "transformer_backbone_ce": {"bridge.denoiser": "transformer", "bridge.init": "backbone",
-                                "train.token_ce": None},  # None: the config's train.token_ce
-    "unet_logit_normal": {"bridge.denoiser": "unet", "bridge.init": "scratch",
-                          "train.token_ce": 0.0, "train.time_sampling": "logit_normal"},
-    "unet_scratch_tolerant": {"bridge.denoiser": "unet", "bridge.init": "scratch",
-                              "train.token_ce": 0.0, "tolerant.enabled": True},
-    "transformer_backbone_tolerant": {"bridge.denoiser": "transformer",
-                                      "bridge.init": "backbone", "train.token_ce": 0.0,
-                                      "tolerant.enabled": True},
+    "unet_scratch": {**PLAIN, "bridge.denoiser": "unet", "bridge.init": "scratch"},
+    "transformer_scratch": {**PLAIN, "bridge.denoiser": "transformer", "bridge.init": "scratch"},
+    "transformer_backbone": {**PLAIN, "bridge.denoiser": "transformer",
+                             "bridge.init": "backbone"},
+    # None: the config's value
+    "transformer_backbone_ce": {**PLAIN, "bridge.denoiser": "transformer",
+                                "bridge.init": "backbone", "train.token_ce": None},
+    "unet_logit_normal": {**PLAIN, "bridge.denoiser": "unet", "bridge.init": "scratch",
+                          "train.time_sampling": "logit_normal"},
+    "unet_upper_ce": {**PLAIN, "bridge.denoiser": "unet", "bridge.init": "scratch",
+                      "train.upper_ce": None},
+    "unet_scratch_tolerant": {**PLAIN, "bridge.denoiser": "unet", "bridge.init": "scratch",
+                              "tolerant.enabled": True},
+    "transformer_backbone_tolerant": {**PLAIN, "bridge.denoiser": "transformer",
+                                      "bridge.init": "backbone", "tolerant.enabled": True},
 }
 ENTROPY_TOL = 0.1  # nats
 T_RANGE = (0.05, 4.0)  # the bisection's bracket
@@ -265,6 +269,7 @@ def judge_row(b: Bench, bridge: TrainedBridge, head, train_cfg: ml_collections.C
   return {
       "denoiser": bridge.kind, "init": train_cfg.bridge.init,
       "token_ce": float(train_cfg.train.token_ce),
+      "upper_ce": float(train_cfg.train.upper_ce),
       "tolerant_decoder": bool(train_cfg.tolerant.enabled),
       "time_sampling": train_cfg.train.time_sampling,
       "readout": "joint", "params": bridge.params_count, "steps": bridge.step,
