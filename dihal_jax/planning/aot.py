@@ -116,7 +116,7 @@ def compile_programs(models, mesh: Mapping[str, int]) -> dict:
                            self_condition_prob=config.train.self_condition_prob)
   x0 = jax.ShapeDtypeStruct((batch, window, cfg.hidden_size), jnp.float32)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  memory, seconds = _timed_compile(step, models.train_state, x0, key, None, None, None)
+  memory, seconds = _timed_compile(step, models.train_state, x0, key, None, None, None, None)
   programs["train_step"] = {"batch": f"{batch} x {window}", **memory, "compile_s": seconds}
 
   same = shape == dict(mesh)
