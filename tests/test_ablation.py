@@ -1,11 +1,12 @@
 """`dihal ablate`'s entropy matching: the temperature bisection, the headline β and the winner
-rule, checked against SciPy's entropy and closed cases."""
+rule, checked against SciPy's entropy and closed cases; which bridge a tolerant row trains."""
 
 import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
 
+from conftest import load_config
 from dihal_jax import defaults
 from dihal_jax.eval import ablation
 
@@ -83,3 +84,27 @@ def test_the_winner_is_the_lowest_ngram_among_rows_near_real_entropy():
   # No row near real text's entropy: no winner, however low its perplexity.
   assert ablation._winner({"low_entropy": rows["low_entropy"]}, 5.9) is None
   assert ablation._verdict(rows, None, real) is None
+
+
+def test_a_tolerant_row_trains_its_decoder_on_its_twins_bridge(monkeypatch, tmp_path):
+  bridges, decoders = [], []
+
+  def train(config, workdir, progress=True):
+    bridges.append((workdir.name, config.bridge.denoiser, config.tolerant.enabled))
+    return {"interrupted": False}
+
+  def decoder(config, workdir, *, decoder_workdir, progress=True):
+    decoders.append((workdir.name, decoder_workdir.name, config.tolerant.enabled))
+    return {"val_nll": {}}
+
+  monkeypatch.setattr(ablation, "run_train", train)
+  monkeypatch.setattr(ablation, "train_tolerant_decoder", decoder)
+  chosen = {name: ablation.ROWS[name]
+            for name in ("transformer_backbone_tolerant", "unet_scratch")}
+  _, nll = ablation.train_rows(load_config("tiny_llama"), tmp_path, chosen, layer=1,
+                               progress=False)
+  # no bridge of the tolerant row's own: its twin's (with tolerant off), then the decoder
+  assert bridges == [("transformer_backbone", "transformer", False),
+                     ("unet_scratch", "unet", False)]
+  assert decoders == [("transformer_backbone", "transformer_backbone_tolerant", True)]
+  assert list(nll) == ["transformer_backbone_tolerant"]

@@ -13,7 +13,8 @@ rate and sampler; only the denoiser, its initialization and the token loss diffe
                                LoRA on the layers above ℓ trained on the bridge's estimates)
   transformer_backbone_tolerant  transformer_backbone, the same
 Each bridge trains into workdir/NAME (resumable: an interrupted ablation restarts where
-it stopped; finished rows are reused). `ablate.rows` picks a subset (e.g. the winner
+it stopped; finished rows are reused); a tolerant row reuses its twin's bridge (TWINS) and
+samples it with the twin's key, so the pair reads the same states. `ablate.rows` picks a subset (e.g. the winner
 alone at another layer, for the ℓ* vs ℓ = 0 comparison).
 
 Every row samples eval.num unconditional windows once (sample.steps) and reads them:
@@ -64,7 +65,7 @@ from dihal_jax.overrides import overridden
 from dihal_jax.parallel.sharding import mesh_and_rules
 
 PLAIN = {"train.token_ce": 0.0, "train.upper_ce": 0.0}  # the auxiliary token losses off
-ROWS = {
+BRIDGES = {
     "unet_scratch": {**PLAIN, "bridge.denoiser": "unet", "bridge.init": "scratch"},
     "transformer_scratch": {**PLAIN, "bridge.denoiser": "transformer", "bridge.init": "scratch"},
     "transformer_backbone": {**PLAIN, "bridge.denoiser": "transformer",
@@ -76,11 +77,14 @@ ROWS = {
                           "train.time_sampling": "logit_normal"},
     "unet_upper_ce": {**PLAIN, "bridge.denoiser": "unet", "bridge.init": "scratch",
                       "train.upper_ce": None},
-    "unet_scratch_tolerant": {**PLAIN, "bridge.denoiser": "unet", "bridge.init": "scratch",
-                              "tolerant.enabled": True},
-    "transformer_backbone_tolerant": {**PLAIN, "bridge.denoiser": "transformer",
-                                      "bridge.init": "backbone", "tolerant.enabled": True},
 }
+# A tolerant row reads its twin's bridge (trained once, in workdir/TWIN) through its own
+# decoder (workdir/NAME/decoder), so the two rows differ only in the decoder.
+TWINS = {"unet_scratch_tolerant": "unet_scratch",
+         "transformer_backbone_tolerant": "transformer_backbone"}
+ROWS = {**BRIDGES, **{name: {**BRIDGES[twin], "tolerant.enabled": True}
+                      for name, twin in TWINS.items()}}
+
 ENTROPY_TOL = 0.1  # nats
 T_RANGE = (0.05, 4.0)  # the bisection's bracket
 T_ITERS = 12
@@ -129,18 +133,23 @@ def chosen_rows(config: ml_collections.ConfigDict) -> dict[str, dict]:
 
 def train_rows(config: ml_collections.ConfigDict, workdir: Path, chosen: dict, layer: int,
                progress: bool) -> tuple[dict, dict]:
-  """Trains (or resumes) each row's bridge into workdir/NAME, then its tolerant decoder if it
-  has one: ({train_NAME_s: seconds}, {NAME: the decoder's validation NLLs}). Raises
+  """Trains (or resumes) each row's bridge into workdir/NAME (a tolerant row: its twin's, if
+  not trained yet, then its decoder into workdir/NAME/decoder): ({train_NAME_s: seconds},
+  {NAME: the decoder's validation NLLs}). Raises
   `TrainingInterrupted` when SIGTERM stopped one (saved; the same command resumes)."""
   timings, decoders = {}, {}
   for name, overrides in chosen.items():
     tick = time.perf_counter()
-    cfg = row_config(config, overrides, layer)
-    trained = run_train(cfg, workdir / name, progress=progress)
+    bridge_name = TWINS.get(name, name)
+    trained = run_train(row_config(config, BRIDGES[bridge_name], layer), workdir / bridge_name,
+                        progress=progress)
     if trained["interrupted"]:
-      raise TrainingInterrupted(f"the {name} bridge")
-    if cfg.tolerant.enabled:
-      decoders[name] = train_tolerant_decoder(cfg, workdir / name, progress=progress)["val_nll"]
+      raise TrainingInterrupted(f"the {bridge_name} bridge")
+    if name in TWINS:
+      decoders[name] = train_tolerant_decoder(row_config(config, overrides, layer),
+                                              workdir / bridge_name,
+                                              decoder_workdir=workdir / name,
+                                              progress=progress)["val_nll"]
     timings[f"train_{name}_s"] = time.perf_counter() - tick
   return timings, decoders
 
@@ -292,10 +301,14 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
   b = Bench.load(config, workdir, layer)
   mesh, _ = mesh_and_rules(config)
   rows, head, oracle = {}, None, {}
+  places = list(chosen)
   for i, (name, overrides) in enumerate(tqdm(chosen.items(), desc="ablate: eval",
                                              disable=not progress)):
     tick = time.perf_counter()
-    bridge = load_bridge(workdir / name, mesh)
+    bridge_name = TWINS.get(name, name)
+    bridge = load_bridge(workdir / bridge_name, mesh)
+    # the row's draws: its bridge's place among the chosen rows (a tolerant row's twin's)
+    key = jax.random.fold_in(b.key, places.index(bridge_name) if bridge_name in chosen else i)
     if head is None:  # the same layer and normalizer in every row: one head
       head = current_token_head(bridge, b.judges.backbone.cfg.vocab_size)
       oracle = oracle_rows(b, head, b.reader)
@@ -307,7 +320,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
              "decoder_oracle": {k: v for k, v in oracle_rows(b, head, reader).items()
                                 if k != "identity"}}
     rows[name] = {**judge_row(b, bridge, head, row_config(config, overrides, layer),
-                              jax.random.fold_in(b.key, i), reader), **own,
+                              key, reader), **own,
                   "eval_s": time.perf_counter() - tick}
   report = assemble_report(config, b, layer, rows, oracle, head,
                            dict(timings, total_s=time.perf_counter() - t0))

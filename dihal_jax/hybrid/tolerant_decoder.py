@@ -127,8 +127,10 @@ def _norm_arrays(norm: Normalizer) -> tuple:
 
 
 def train_tolerant_decoder(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                           decoder_workdir: str | Path | None = None,
                            progress: bool = True) -> dict:
-  """Trains (or resumes) the adapters of workdir's bridge into workdir/decoder. Returns the
+  """Trains (or resumes) the adapters of workdir's bridge into DECODER_WORKDIR/decoder
+  (default: workdir's own, where its readouts look for it). Returns the
   validation NLL of the fixed validation batch through the plain and the adapted upper
   layers, on the bridge's estimates and on the true states. Raises TrainingInterrupted when
   SIGTERM stopped it (saved; the same command resumes)."""
@@ -163,7 +165,7 @@ def train_tolerant_decoder(config: ml_collections.ConfigDict, workdir: str | Pat
   fresh = new_adapters(config, backbone, bridge.layer)
   state = put_global(init_train_state(fresh(), optimizer), replicated)
   result = run_loop(
-      state, workdir=workdir / DIRECTORY,
+      state, workdir=Path(decoder_workdir or workdir) / DIRECTORY,
       batches=iter(hidden.cached_batches(caches["train"], bridge.layer,
                                          batch_size=t.batch_size, seed=config.seed,
                                          shard_index=jax.process_index(),
