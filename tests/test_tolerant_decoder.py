@@ -1,7 +1,7 @@
 """The tolerant decoder (hybrid/tolerant_decoder.py): its loss against transformers' own
 next-token loss, the bridge estimates it trains on against a closed case, a step that trains
-the adapters and nothing else, and `dihal train` / `dihal sample` end to end on the tiny model
-(its bad input: tests/test_settings.py)."""
+the adapters and nothing else, and `dihal train` / `dihal sample` / `dihal ablate` end to end
+on the tiny model (its bad input: tests/test_settings.py)."""
 
 import shutil
 import subprocess
@@ -142,3 +142,25 @@ def test_train_fits_the_decoder_and_sample_reads_through_it(tmp_path):
   shutil.rmtree(plain / "decoder")
   assert _cli(tmp_path, "sample", plain).returncode == 0
   assert _samples(workdir) != _samples(plain)
+
+
+@pytest.mark.slow
+def test_ablate_reads_a_tolerant_row_from_its_twins_bridge_beside_trivial_generators(tmp_path):
+  import json
+  workdir = tmp_path / "a"
+  proc = _cli(tmp_path, "ablate", workdir,
+              "--config.ablate.rows=unet_scratch,unet_scratch_tolerant",
+              "--config.ablate.betas=(1.0,)", "--config.sample.beta=1.0", "--config.eval.num=8",
+              "--config.sample.batch=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((workdir / "report.json").read_text())
+  plain, tolerant = report["rows"]["unet_scratch"], report["rows"]["unet_scratch_tolerant"]
+  # one bridge for the pair: the tolerant row's directory holds its decoder alone
+  assert [p.name for p in (workdir / "unet_scratch_tolerant").iterdir()] == ["decoder"]
+  assert tolerant["tolerant_decoder"] and not plain["tolerant_decoder"]
+  # the same states (the current-token head reads them without the decoder) ...
+  assert tolerant["reads"]["identity"] == plain["reads"]["identity"]
+  # ... read through the decoder by its own oracle and joint reads
+  assert "joint_beta1" in tolerant["decoder_oracle"] and "decoder_oracle" not in plain
+  assert set(report["calibration"]) == {"unigram_sampler", "bigram_sampler"}
+  assert "unigram_sampler (trivial)" in (workdir / "report.md").read_text()

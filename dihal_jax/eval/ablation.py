@@ -28,11 +28,13 @@ Kneser–Ney n-gram judge, MAUVE against held-out test windows, 95% bootstrap in
 Oracle rows read the *true* states of the held-out windows with `joint` (each β, matched
 the same way) and `identity`: a readout whose oracle does not return real text is not
 measuring the bridge. A tolerant row's joint reads go through its adapted decoder, so it
-has its own oracle (`decoder_oracle`, the true states through that decoder).
+has its own oracle (`decoder_oracle`, the true states through that decoder). Trivial
+generators (`calibration`: the unigram and bigram samplers of eval/calibration.py, fit on
+the train windows) are judged beside them: a row that does not beat them is not language.
 
 SIGTERM during training saves the row's checkpoint and stops the ablation
-(`TrainingInterrupted` naming the row). Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "oracle",
-"budget", ...}) and report.md.
+(`TrainingInterrupted` naming the row). Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "calibration",
+"oracle", "budget", ...}) and report.md.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from dihal_jax.bridge.training_loop import TrainingInterrupted
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
+from dihal_jax.eval.calibration import CountSampler
 from dihal_jax.eval.diagnostics import bridge_diagnostics
 from dihal_jax.eval.evaluate import evaluation_sets
 from dihal_jax.eval.judges import Judges
@@ -165,6 +168,7 @@ class Bench:
   reference: np.ndarray  # MAUVE reference features (disjoint test windows)
   real_h: np.ndarray  # the real windows' h_l [num, n, d]
   real_row: dict  # real text's judged values
+  calibration: dict  # {unigram_sampler, bigram_sampler: judged values}: trivial generators
   key: jax.Array  # the seed key
 
   @classmethod
@@ -172,14 +176,20 @@ class Bench:
     e = config.eval
     data = Data.from_config(config, workdir)
     backbone = checkpoint.load_backbone(config, checkpoint.checkpoint_dir(config, workdir))
-    judges = Judges.build(backbone, data.tokenizer, data.first_windows("train"),
-                          order=e.ngram_order, encoder=e.encoder, cache=cache_root(config),
+    train = data.first_windows("train")
+    judges = Judges.build(backbone, data.tokenizer, train, order=e.ngram_order,
+                          encoder=e.encoder, cache=cache_root(config),
                           batch=config.sample.batch, seed=config.seed)
     real, reference_windows = evaluation_sets(data, e.num)["test"]
     reference = judges.features(reference_windows)
     reader = Readout(backbone, layer, data.separator)
+    counts = CountSampler.fit(train, backbone.cfg.vocab_size)
+    rng = np.random.default_rng(config.seed)
+    calibration = {name: _judged(judges, draw(rng, real[:, :1], real.shape[1]), reference)
+                   for name, draw in (("unigram_sampler", counts.unigram_sample),
+                                      ("bigram_sampler", counts.bigram_sample))}
     return cls(config, data, judges, reader, real, reference, np.asarray(reader.lower(real)),
-               _judged(judges, real, reference), jax.random.key(config.seed))
+               _judged(judges, real, reference), calibration, jax.random.key(config.seed))
 
   @property
   def batch(self) -> int:
@@ -338,7 +348,7 @@ def assemble_report(config: ml_collections.ConfigDict, b: Bench, layer: int, row
           for name, r in rows.items()}
   winner = _winner(rows, b.real_row["entropy"])
   return {
-      "rows": rows, "winner": winner, "real_text": b.real_row,
+      "rows": rows, "winner": winner, "real_text": b.real_row, "calibration": b.calibration,
       "oracle": {"joint": oracle[read], **oracle},
       "layer": layer, "num": config.eval.num, "length": int(b.real.shape[1]),
       "budget": {"steps": config.train.steps, "batch_size": config.train.batch_size,
@@ -409,6 +419,9 @@ def summary(report: dict) -> str:
             "x0-MSE t=0.3", "recovery t=0.3", "n-gram (untuned)", "n-gram (identity)"]
   table = [["real_text", "-", "-", _f(real["entropy"]), _ci(real, "gen_ppl"),
             _ci(real, "ngram_ppl"), _f(real.get("mauve")), "-", "-", "-", "-", "-"]]
+  table += [[f"{name} (trivial)", "-", "-", _f(c["entropy"]), _ci(c, "gen_ppl"),
+             _ci(c, "ngram_ppl"), _f(c.get("mauve")), "-", "-", "-", "-", "-"]
+            for name, c in report.get("calibration", {}).items()]
   for name in ("joint", "identity"):
     o = report["oracle"][name]
     table.append([f"oracle ({name}, true states)", "-", _f(o.get("temperature")),
