@@ -77,16 +77,16 @@ def test_a_step_trains_only_adapters_above_the_interface_and_lowers_the_loss(mod
   tokens = _tokens(model, (4, 10), 2)
   h = model.lower(tokens, LAYER)
   d = model.cfg.hidden_size
-  norm_arrays = (jnp.zeros(d), jnp.ones(d), None)
+  norm = Normalizer("per_channel", np.zeros(d, np.float32), np.ones(d, np.float32))
   # the zero bridge's estimates carry nothing of the window: the decoder can only learn the
   # batch's token prior, which lowers the loss on that batch
   before = float(tolerant_decoder.validation_nll(
-      lora, model, tolerant_decoder.estimated_states(_ZeroX0(), Normalizer("", *norm_arrays),
+      lora, model, tolerant_decoder.estimated_states(_ZeroX0(), norm,
                                                      h, jax.random.key(0), X0),
       tokens, layer=LAYER))
   losses = []
   for _ in range(6):
-    state, metrics = tolerant_decoder.train_step(state, model, _ZeroX0(), norm_arrays, h, tokens,
+    state, metrics = tolerant_decoder.train_step(state, model, _ZeroX0(), norm, h, tokens,
                                                  jax.random.key(0), layer=LAYER, cfg=X0,
                                                  optimizer=optimizer, optim_cfg=optim)
     losses.append(float(metrics["loss"]))

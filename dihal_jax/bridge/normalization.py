@@ -21,7 +21,9 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,9 +33,12 @@ KINDS = ("per_channel", "global", "pca_whiten")
 _EIG_FLOOR = 1e-6  # relative floor of the whitening eigenvalues
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("mean", "scale", "basis"),
+                   meta_fields=("kind",))
 @dataclasses.dataclass(frozen=True)
 class Normalizer:
-  """z = ((h - mean) B) / scale with B = basis ([d, d] orthogonal) or the identity (None)."""
+  """z = ((h - mean) B) / scale with B = basis ([d, d] orthogonal) or the identity (None).
+  A pytree (its arrays the leaves), so it enters jitted functions as one argument."""
 
   kind: str
   mean: np.ndarray  # [d] float32

@@ -90,8 +90,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   if t.upper_ce:
     upper_ce = UpperCE(weight=float(t.upper_ce), windows=int(t.upper_ce_windows), layer=layer,
                        graphdef=nnx.graphdef(backbone))
-    upper = {"backbone": nnx.state(backbone), "mean": norm.mean, "scale": norm.scale,
-             "basis": norm.basis}
+    upper = {"backbone": nnx.state(backbone), "norm": norm}
   del backbone
   if config.bridge.pca_init:
     if config.bridge.denoiser != "unet":

@@ -57,7 +57,6 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dihal_jax.bridge import diffusion
-from dihal_jax.bridge.normalization import Normalizer
 from dihal_jax.bridge.token_head import class_scores
 from dihal_jax.parallel.sharding import Rules, batch_sharding, param_shardings, put_global
 
@@ -227,7 +226,7 @@ class UpperCE:
   """The upper-layer token loss's static settings (hashable: a jit static): its weight, the
   windows of each batch it reads (each costs a pass through the upper layers and back), the
   interface layer and the backbone's graphdef. Its arrays come per call as `upper`:
-  {"backbone": the backbone's nnx.State, "mean", "scale", "basis": the normalizer's}."""
+  {"backbone": the backbone's nnx.State, "norm": the bridge's Normalizer}."""
 
   weight: float
   windows: int
@@ -241,7 +240,7 @@ def upper_token_loss(x0_hat: jax.Array, tokens: jax.Array, unknown_mask: jax.Arr
   unknown, for the first cfg.windows windows; x0_hat in normalized units (position 0 and
   the other known positions should hold the clean values)."""
   k = cfg.windows
-  norm = Normalizer("", upper["mean"], upper["scale"], upper["basis"])
+  norm = upper["norm"]
   backbone = nnx.merge(cfg.graphdef, upper["backbone"])
   logits = backbone.upper(norm.inverse(x0_hat[:k]), cfg.layer)[:, :-1]
   logp = jax.nn.log_softmax(logits, axis=-1)
@@ -456,7 +455,7 @@ def make_train_step(diffusion_cfg: diffusion.DiffusionConfig, optim_cfg: OptimCo
   upper_shardings = None
   if upper_ce is not None:
     upper_shardings = {"backbone": param_shardings(upper["backbone"], mesh, rules),
-                       **{k: replicated for k in ("mean", "scale", "basis")}}
+                       "norm": jax.tree.map(lambda _: replicated, upper["norm"])}
     upper = put_global(dict(upper), upper_shardings)
   token_sharding = batch_sharding(mesh, rules, 2)
   compiled = {}

@@ -72,8 +72,7 @@ class TrainedBridge:
     cfg = dataclasses.replace(self.diffusion, steps=steps or self.diffusion.steps,
                               guidance=self.guidance)
     return _sample(self.graphdef, self.params, key, jnp.asarray(known_h, jnp.float32),
-                   jnp.asarray(known_mask, bool), x_start, self.norm.mean, self.norm.scale,
-                   self.norm.basis, self.labels, cfg=cfg, self_condition=self.self_condition,
+                   jnp.asarray(known_mask, bool), x_start, self.norm, self.labels, cfg=cfg, self_condition=self.self_condition,
                    t_start=float(t_start))
 
   def denoise_x0(self, z_t: jax.Array, t: jax.Array, known_mask: jax.Array,
@@ -96,9 +95,8 @@ def _model_fn(graphdef, params, cfg, z_known, known_mask):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "self_condition", "t_start"))
-def _sample(graphdef, params, key, known_h, known_mask, x_start, mean, scale, basis, labels, *,
+def _sample(graphdef, params, key, known_h, known_mask, x_start, norm, labels, *,
             cfg, self_condition, t_start):
-  norm = Normalizer("", mean, scale, basis)
   z_known = norm.forward(known_h)
   fn = _model_fn(graphdef, params, cfg, z_known, known_mask)
   z = diffusion.sample(fn, key, known_h.shape, cfg, known=z_known, known_mask=known_mask,

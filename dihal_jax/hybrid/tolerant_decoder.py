@@ -97,12 +97,11 @@ def next_token_nll(decoder: Decoder, h: jax.Array, tokens: jax.Array, layer: int
 
 @functools.partial(jax.jit, static_argnames=("layer", "cfg", "optimizer", "optim_cfg"),
                    donate_argnums=(0,))
-def train_step(state: TrainState, backbone: Decoder, bridge_model: nnx.Module, norm_arrays,
+def train_step(state: TrainState, backbone: Decoder, bridge_model: nnx.Module, norm: Normalizer,
                h: jax.Array, tokens: jax.Array, key: jax.Array, *, layer: int,
                cfg: diffusion.DiffusionConfig, optimizer: optax.GradientTransformation,
                optim_cfg: OptimConfig):
   """One AdamW step of the adapters on the bridge's estimates of h (fresh draws per step)."""
-  norm = Normalizer("", *norm_arrays)
   h_hat = jax.lax.stop_gradient(estimated_states(
       bridge_model, norm, h, jax.random.fold_in(key, state.step), cfg))
 
@@ -119,11 +118,6 @@ def train_step(state: TrainState, backbone: Decoder, bridge_model: nnx.Module, n
 def validation_nll(lora: LoRA, backbone: Decoder, h: jax.Array, tokens: jax.Array, *,
                    layer: int) -> jax.Array:
   return next_token_nll(lora.apply(backbone), h, tokens, layer)
-
-
-def _norm_arrays(norm: Normalizer) -> tuple:
-  return (jnp.asarray(norm.mean), jnp.asarray(norm.scale),
-          None if norm.basis is None else jnp.asarray(norm.basis))
 
 
 def train_tolerant_decoder(config: ml_collections.ConfigDict, workdir: str | Path, *,
@@ -146,13 +140,12 @@ def train_tolerant_decoder(config: ml_collections.ConfigDict, workdir: str | Pat
   optim = optim_config(t)
   optimizer = make_optimizer(optim)
   bridge_model, cfg = nnx.merge(bridge.graphdef, *bridge.params), bridge.diffusion
-  norm_arrays = _norm_arrays(bridge.norm)
   key = put_global(jax.random.key(config.seed), replicated)
   shardings = (batch_sharding(mesh, rules, 3), batch_sharding(mesh, rules, 2))
 
   def step(state, batch):
     h, tokens = put_global((batch["h"], batch["tokens"]), shardings)
-    state, metrics = train_step(state, backbone, bridge_model, norm_arrays, h, tokens, key,
+    state, metrics = train_step(state, backbone, bridge_model, bridge.norm, h, tokens, key,
                                 layer=bridge.layer, cfg=cfg, optimizer=optimizer,
                                 optim_cfg=optim)
     return state, metrics, tokens.size
