@@ -214,12 +214,12 @@ def beta_key(beta: float) -> str:
   return f"joint_beta{beta:g}"
 
 
-def matched_joint_reads(b: Bench, states: np.ndarray, head, key,
-                        reader: Readout) -> dict[float, tuple]:
-  """{β: (T, tokens, matched, read)} of `reader`'s joint readout of `states`, entropy-matched
-  at every β of the ladder (`read(T)` draws at any other T); the scores of one β are sorted
-  once and drawn at every T of its bisection."""
-  read_key, out = jax.random.fold_in(key, READ_STREAM), {}
+def matched_joint_reads(b: Bench, states: np.ndarray, head, key, reader: Readout):
+  """Yields (β, (T, tokens, matched, read)) of `reader`'s joint readout of `states`,
+  entropy-matched at every β of the ladder (`read(T)` draws at any other T); the scores of
+  one β are sorted once and drawn at every T of its bisection. One β at a time: its scores
+  ([num, n, V] floats, 1.6 GB for 128 SmolLM2 windows) are not kept for the next β's."""
+  read_key = jax.random.fold_in(key, READ_STREAM)
   for beta in betas(b.config):
     scores = [reader.joint_scores(states[j:j + b.batch], head, beta)
               for j in range(0, len(states), b.batch)]
@@ -227,8 +227,8 @@ def matched_joint_reads(b: Bench, states: np.ndarray, head, key,
         np.asarray(reader.draw(sc, jax.random.fold_in(read_key, j), t,
                                  b.config.sample.top_p))
         for j, sc in enumerate(scores)])
-    out[beta] = (*matched_temperature(read, b.real_row["entropy"]), read)
-  return out
+    yield beta, (*matched_temperature(read, b.real_row["entropy"]), read)
+    del scores, read
 
 
 def oracle_rows(b: Bench, head, reader: Readout) -> dict:
@@ -236,7 +236,7 @@ def oracle_rows(b: Bench, head, reader: Readout) -> dict:
   `identity` readout of the real windows' true states."""
   truth = {beta_key(beta): (tokens, {"beta": beta, "temperature": t, "entropy_matched": ok})
            for beta, (t, tokens, ok, _) in matched_joint_reads(b, b.real_h, head, b.key,
-                                                               reader).items()}
+                                                               reader)}
   truth["identity"] = (_with_separator(np.asarray(head(b.real_h)), b.real), {})
   oracle = {}
   for read, (tokens, how) in truth.items():
@@ -262,13 +262,14 @@ def entropy_matched_reads(b: Bench, states: np.ndarray, template: np.ndarray, he
   `identity`, {β: the matched tokens})."""
   reads, tokens = {}, {}
   for beta, (t, matched_tokens, ok, read) in matched_joint_reads(b, states, head, key,
-                                                                 reader).items():
+                                                                 reader):
     reads[beta_key(beta)] = dict(b.judged(matched_tokens), beta=beta, temperature=t,
                                  entropy_matched=ok)
     tokens[beta] = matched_tokens
     if beta == b.config.sample.beta:
       reads["joint_untuned"] = dict(b.judged(read(b.config.sample.temperature)), beta=beta,
                                     temperature=b.config.sample.temperature)
+    del read  # this β's scores, before the next β's are computed
   reads["identity"] = b.judged(_with_separator(np.asarray(head(states)), template))
   return reads, tokens
 
