@@ -14,8 +14,8 @@ rate and sampler; only the denoiser, its initialization and the token loss diffe
   transformer_backbone_tolerant  transformer_backbone, the same
 Each bridge trains into workdir/NAME (resumable: an interrupted ablation restarts where
 it stopped; finished rows are reused); a tolerant row reuses its twin's bridge (TWINS) and
-samples it with the twin's key, so the pair reads the same states. `ablate.rows` picks a subset (e.g. the winner
-alone at another layer, for the ℓ* vs ℓ = 0 comparison).
+samples it with the twin's key, so the pair reads the same states. `ablate.rows` picks a
+subset (e.g. the winner alone at another layer, for the ℓ* vs ℓ = 0 comparison).
 
 Every row samples eval.num unconditional windows once (sample.steps) and reads them:
 `joint` at each β of ablate.betas, each at the temperature that brings its unigram entropy
@@ -33,8 +33,8 @@ generators (`calibration`: the unigram and bigram samplers of eval/calibration.p
 the train windows) are judged beside them: a row that does not beat them is not language.
 
 SIGTERM during training saves the row's checkpoint and stops the ablation
-(`TrainingInterrupted` naming the row). Writes workdir/report.json ({"rows": {NAME: {...}}, "winner", "real_text", "calibration",
-"oracle", "budget", ...}) and report.md.
+(`TrainingInterrupted` naming the row). Writes workdir/report.json ({"rows": {NAME: {...}},
+"winner", "real_text", "calibration", "oracle", "budget", ...}) and report.md.
 """
 
 from __future__ import annotations
@@ -231,13 +231,14 @@ def matched_joint_reads(b: Bench, states: np.ndarray, head, key, reader: Readout
     del scores, read
 
 
-def oracle_rows(b: Bench, head, reader: Readout) -> dict:
-  """{read: values} of `reader`'s `joint` readouts (each β, entropy-matched) and the
-  `identity` readout of the real windows' true states."""
+def oracle_rows(b: Bench, head, reader: Readout, *, identity: bool = True) -> dict:
+  """{read: values} of `reader`'s `joint` readouts (each β, entropy-matched) and (when
+  `identity`) the `identity` readout of the real windows' true states."""
   truth = {beta_key(beta): (tokens, {"beta": beta, "temperature": t, "entropy_matched": ok})
            for beta, (t, tokens, ok, _) in matched_joint_reads(b, b.real_h, head, b.key,
                                                                reader)}
-  truth["identity"] = (_with_separator(np.asarray(head(b.real_h)), b.real), {})
+  if identity:
+    truth["identity"] = (_with_separator(np.asarray(head(b.real_h)), b.real), {})
   oracle = {}
   for read, (tokens, how) in truth.items():
     oracle[read] = dict(b.judged(tokens), **how,
@@ -328,8 +329,8 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | Path, *,
       reader = Readout(readout_backbone(workdir / name, b.judges.backbone, mesh), layer,
                        b.data.separator)
       own = {"decoder_val_nll": decoders[name],
-             "decoder_oracle": {k: v for k, v in oracle_rows(b, head, reader).items()
-                                if k != "identity"}}
+             # identity reads the states at layer ℓ: the decoder does not change it
+             "decoder_oracle": oracle_rows(b, head, reader, identity=False)}
     rows[name] = {**judge_row(b, bridge, head, row_config(config, overrides, layer),
                               key, reader), **own,
                   "eval_s": time.perf_counter() - tick}

@@ -72,8 +72,8 @@ class TrainedBridge:
     cfg = dataclasses.replace(self.diffusion, steps=steps or self.diffusion.steps,
                               guidance=self.guidance)
     return _sample(self.graphdef, self.params, key, jnp.asarray(known_h, jnp.float32),
-                   jnp.asarray(known_mask, bool), x_start, self.norm, self.labels, cfg=cfg, self_condition=self.self_condition,
-                   t_start=float(t_start))
+                   jnp.asarray(known_mask, bool), x_start, self.norm, self.labels, cfg=cfg,
+                   self_condition=self.self_condition, t_start=float(t_start))
 
   def denoise_x0(self, z_t: jax.Array, t: jax.Array, known_mask: jax.Array,
                  z_known: jax.Array) -> jax.Array:
