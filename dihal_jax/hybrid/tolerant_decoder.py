@@ -129,7 +129,6 @@ def train_tolerant_decoder(config: ml_collections.ConfigDict, workdir: str | Pat
   layers, on the bridge's estimates and on the true states. Raises TrainingInterrupted when
   SIGTERM stopped it (saved; the same command resumes)."""
   workdir, t = Path(workdir), config.tolerant
-  check(t)
   mesh, rules = mesh_and_rules(config)
   replicated = NamedSharding(mesh, PartitionSpec())
   bridge = load_bridge(workdir, mesh)
