@@ -267,13 +267,11 @@ def _locate(config, workdir):
 
 @_stoppable
 def _train(config, workdir):
-  from dihal_jax.bridge import train
-  report = train.run_train(config, workdir)
+  from dihal_jax.hybrid.tolerant_decoder import train_with_decoder
+  report = train_with_decoder(config, workdir)
   print(f"trained the bridge at layer {report['layer']} to step {report['steps']}: "
         f"{report['final']}")
-  if config.tolerant.enabled and not report["interrupted"]:
-    from dihal_jax.hybrid import tolerant_decoder
-    report["tolerant_decoder"] = tolerant_decoder.train_tolerant_decoder(config, workdir)
+  if "tolerant_decoder" in report:
     print(f"trained the tolerant decoder to step {report['tolerant_decoder']['steps']}: "
           f"validation NLL {report['tolerant_decoder']['val_nll']}")
   return report, True

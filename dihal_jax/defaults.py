@@ -192,6 +192,9 @@ def base() -> ml_collections.ConfigDict:
   c.eval.noise_levels = (0.1, 0.3, 0.5)  # bridge val MSE and token recovery at these t
   c.eval.mdm_block = 16  # row mdm_block: the MDM trained as block diffusion, blocks of this
   # many positions (0 = no such row)
+  # Read every `joint` row (the bridges and the oracle) at the temperature matching real
+  # text's unigram entropy (± 0.1 nats; eval/entropy_match.py) instead of sample.temperature.
+  c.eval.match_entropy = False
   c.eval.show = 3  # sample texts per method in the report
 
   c.sweep = ml_collections.ConfigDict()  # dihal sweep (eval/sweep.py)

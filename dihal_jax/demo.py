@@ -91,7 +91,9 @@ PRESETS = {
               "train.batch_size": 8, "bridge.unet.channels": 16, "bridge.unet.heads": 2,
               "bridge.unet.groups": 4, "sample.steps": 4, "sample.batch": 8, "eval.num": 8,
               "mdm.steps": 6, "mdm.batch_size": 8, "mdm.warmup_steps": 2,
-              "mdm.checkpoint_every": 6, "mdm.val_every": 6, "sample.mdm_steps": 4},
+              "mdm.checkpoint_every": 6, "mdm.val_every": 6, "sample.mdm_steps": 4,
+              "tolerant.enabled": True, "tolerant.rank": 2, "tolerant.steps": 6,
+              "tolerant.checkpoint_every": 6, "tolerant.val_every": 6},
     # `dihal demo --config.demo.preset=full`: the strongest bridge that fits about an hour of
     # 2 CPU cores (default UNet C = 128, self-conditioning), 512 samples per row (MAUVE needs
     # >= 500), 50 steps.
@@ -116,10 +118,11 @@ def apply_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-  """parity -> greedy continuations -> locate -> train the bridge at l* -> eval every row."""
-  from dihal_jax.bridge.train import run_train
+  """parity -> greedy continuations -> locate -> train the bridge at l* (and, with
+  tolerant.enabled, its decoder) -> eval every row."""
   from dihal_jax.bridge.training_loop import TrainingInterrupted
   from dihal_jax.eval import evaluate
+  from dihal_jax.hybrid.tolerant_decoder import train_with_decoder
 
   config = apply_preset(config)
   settings.check(config, "demo")
@@ -139,10 +142,15 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   geometry = locate.locate_into(config, workdir / "locate", plot_path=workdir / "geometry.png")
   print(locate.summary(geometry))
   lap("locate_s")
-  trained = run_train(config, workdir)
+  trained = train_with_decoder(config, workdir)
   if trained["interrupted"]:
     raise TrainingInterrupted("the bridge at l*")
   print(f"bridge at layer {trained['layer']}: {trained['final']}")
+  decoder = (f"tolerant decoder ({trained['tolerant_decoder']['steps']} steps), validation NLL: "
+             f"`{trained['tolerant_decoder']['val_nll']}`" if "tolerant_decoder" in trained
+             else "")
+  if decoder:
+    print(decoder)
   lap("train_s")
   results = evaluate.run_eval(config, workdir)
   lap("eval_s")
@@ -158,6 +166,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: Path) -> dict:
            "## Geometry per layer (locate)", "", locate.summary(geometry), "",
            "![geometry](geometry.png)", "",
            f"## Bridge at layer {trained['layer']}", "", f"final: `{trained['final']}`", "",
+           *([decoder, ""] if decoder else []),
            "![loss](loss.png)", "", "## Evaluation", "", eval_md, "", "![eval](eval.png)", "",
            "## Samples", ""]
   for method, texts in results["samples"].items():

@@ -8,7 +8,7 @@ import scipy.stats
 
 from conftest import load_config
 from dihal_jax import defaults
-from dihal_jax.eval import ablation
+from dihal_jax.eval import ablation, entropy_match
 
 VOCAB = 400
 LOGITS = -1.5 * np.log(np.arange(1, VOCAB + 1))  # a Zipf law: entropy rises with T
@@ -28,18 +28,18 @@ def scipy_entropy(tokens: np.ndarray) -> float:
 
 @pytest.mark.parametrize("target", [2.0, 3.5, 5.0])
 def test_the_bisection_finds_a_temperature_within_the_tolerance(target):
-  t, tokens, matched = ablation.matched_temperature(quantile_read, target)
+  t, tokens, matched = entropy_match.matched_temperature(quantile_read, target)
   assert matched
-  assert abs(scipy_entropy(tokens) - target) <= ablation.ENTROPY_TOL
+  assert abs(scipy_entropy(tokens) - target) <= entropy_match.ENTROPY_TOL
   np.testing.assert_array_equal(tokens, quantile_read(t))
-  assert ablation.T_RANGE[0] <= t <= ablation.T_RANGE[1]
+  assert entropy_match.T_RANGE[0] <= t <= entropy_match.T_RANGE[1]
 
 
 def test_an_unreachable_entropy_is_reported_unmatched_at_the_closest_end():
   # log(400) = 5.99 nats is the most 400 tokens can carry: 6.5 cannot be reached.
-  t, tokens, matched = ablation.matched_temperature(quantile_read, 6.5)
+  t, tokens, matched = entropy_match.matched_temperature(quantile_read, 6.5)
   assert not matched
-  assert t > 0.9 * ablation.T_RANGE[1]  # the bisection ran to the top of its bracket
+  assert t > 0.9 * entropy_match.T_RANGE[1]  # the bisection ran to the top of its bracket
   assert scipy_entropy(tokens) == pytest.approx(scipy_entropy(quantile_read(t)))
 
 

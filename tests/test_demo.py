@@ -54,6 +54,10 @@ def test_demo_smoke_runs_the_whole_pipeline(tmp_path):
   assert report["results"]["oracle"]["ar_share"] > 0  # the blockwise readout of true states
   assert "oracle_lm_head" in report["results"] and "oracle_lm_head" in report["samples"]
   assert report["train"]["layer"] == report["locate"]["selected_layer"]
+  # the smoke preset's tolerant decoder trained after the bridge, into WORKDIR/decoder
+  assert report["train"]["tolerant_decoder"]["steps"] == 6
+  assert json.loads((workdir / "decoder" / "metrics.jsonl").read_text().splitlines()[-1])[
+      "step"] == 6
   assert report["effective_config"]["train"]["steps"] == 12  # the preset was applied
   for name in ("report.md", "parity.png", "geometry.png", "loss.png", "eval.png"):
     assert (workdir / name).is_file(), name

@@ -24,3 +24,63 @@ def test_every_sampled_model_has_a_loader():
 def test_methods_are_the_window_rows_then_the_table():
   assert METHODS[:3] == ("real_text", "oracle", "oracle_lm_head")
   assert METHODS[3:] == tuple(ROWS)
+
+
+def test_a_joint_row_at_matched_entropy_reads_the_states_the_plain_row_reads(models):
+  """eval.match_entropy: the row's unigram entropy (SciPy) lands within the tolerance of real
+  text's, and its tokens are the plain joint row's at the temperature it found (the same
+  states, the same keys)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import scipy.stats
+
+  from dihal_jax.bridge.normalization import Normalizer
+  from dihal_jax.bridge.token_head import ClassMeanHead
+  from dihal_jax.eval import entropy_match
+  from dihal_jax.eval.rows import RowGenerators
+  from dihal_jax.hybrid.readout import Readout, ReadoutConfig
+
+  model, _ = models
+  sep, n, num, d = 1, 16, 12, model.cfg.hidden_size
+  rng = np.random.default_rng(0)
+  train = rng.integers(0, model.cfg.vocab_size, (8, n)).astype(np.int32)
+  reader = Readout(model, 1, sep)
+  norm = Normalizer("per_channel", np.zeros(d, np.float32), np.ones(d, np.float32))
+  head = ClassMeanHead.fit(train, np.asarray(reader.lower(train)), norm,
+                           vocab_size=model.cfg.vocab_size)
+
+  class MeanBridge:  # known positions kept, the rest one state (draws differ by T alone)
+    def sample(self, key, known_h, known, *, steps=None):
+      return jnp.where(known[..., None], known_h, 0.0)
+
+  def entropy(tokens):
+    return scipy.stats.entropy(np.bincount(tokens[:, 1:].ravel()))
+
+  def gens(reference, temperature=1.0):
+    return RowGenerators(model, None, ReadoutConfig(temperature=temperature, beta=1.0),
+                         "joint", 4, bridges={"main": MeanBridge()},
+                         readers={"main": reader}, head=head, entropy_reference=reference)
+
+  given = np.full((num, n), sep, np.int32)
+  key = jax.random.key(3)
+  low = entropy(gens(None, 0.2)("dihal", key, given, 1)[0])
+  high = entropy(gens(None, 3.0)("dihal", key, given, 1)[0])
+  assert high - low > 1.0  # the temperature moves the entropy
+  # real text whose entropy lies between the two: tokens drawn from a steep Zipf law
+  zipf = 1.0 / np.arange(1, 61) ** 2.5
+  real = rng.choice(60, size=(num, n), p=zipf / zipf.sum()).astype(np.int32)
+  target = entropy(real)
+  assert low + 0.3 < target < high - 0.3, (low, target, high)
+  g = gens(real)
+  tokens, states = g("dihal", key, given, 1)
+  assert g.matched_read["entropy_matched"]
+  assert abs(entropy(tokens) - target) <= entropy_match.ENTROPY_TOL
+  plain = gens(None, g.matched_read["temperature"])
+  want, want_states = plain("dihal", key, given, 1)
+  np.testing.assert_array_equal(tokens, want)
+  np.testing.assert_array_equal(states, want_states)
+  assert plain.matched_read is None
+  # a row read another way is never matched
+  g("dihal_identity", key, given, 1)
+  assert g.matched_read is None

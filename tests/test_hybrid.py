@@ -200,6 +200,29 @@ def test_dihal_sample_bad_input_exits_2(trained, extra, message):
 
 
 @pytest.mark.slow
+def test_eval_reads_the_joint_rows_at_real_texts_entropy(trained):
+  """eval.match_entropy: the joint rows (the bridge's and the oracle's) report the
+  temperature they were read at; a row is called matched exactly when its entropy is within
+  0.1 nats of real text's (the same windows)."""
+  proc = _dihal(trained, "eval",
+                "--config.eval.methods=real_text,oracle,dihal_joint,dihal_identity",
+                "--config.eval.match_entropy=True", "--config.eval.num=8",
+                "--config.data.ood_dir=", "--config.sample.beta=0.3",
+                "--config.sample.readout=joint")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((trained / "run" / "report.json").read_text())
+  rows, continuation = report["results"], report["continuation"]
+  real = rows["real_text"]["entropy"]
+  assert "temperature" not in rows["dihal_identity"]
+  for row in (rows["dihal_joint"], continuation["dihal_joint"], rows["oracle"]):
+    assert 0.05 <= row["temperature"] <= 4.0
+  for row in (rows["dihal_joint"], rows["oracle"]):  # both read against these windows
+    assert row["entropy_matched"] == (abs(row["entropy"] - real) <= 0.1)
+  assert rows["oracle"]["entropy_matched"]  # the true states reach it (12 bridge steps may not)
+  assert "T (entropy-matched)" in (trained / "run" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_sample_and_eval_without_a_trained_bridge_exit_2(tmp_path):
   for command, extra in (("sample", ()), ("eval", ("--config.eval.methods=dihal",))):
     proc = _dihal(tmp_path, command, *extra, workdir=tmp_path / "empty")

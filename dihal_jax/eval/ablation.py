@@ -57,6 +57,7 @@ from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
 from dihal_jax.eval.calibration import CountSampler
+from dihal_jax.eval.entropy_match import ENTROPY_TOL, matched_temperature
 from dihal_jax.eval.diagnostics import bridge_diagnostics
 from dihal_jax.eval.evaluate import evaluation_sets
 from dihal_jax.eval.judges import Judges
@@ -88,9 +89,6 @@ TWINS = {"unet_scratch_tolerant": "unet_scratch",
 ROWS = {**BRIDGES, **{name: {**BRIDGES[twin], "tolerant.enabled": True}
                       for name, twin in TWINS.items()}}
 
-ENTROPY_TOL = 0.1  # nats
-T_RANGE = (0.05, 4.0)  # the bisection's bracket
-T_ITERS = 12
 JUDGED = ("gen_ppl", "gen_ppl_ci", "ngram_ppl", "ngram_ppl_ci", "mauve", "entropy", "entropy_ci",
           "distinct_2", "diversity")
 # The streams folded into a row's key (the seed key folded with the row's place among the
@@ -106,23 +104,6 @@ def row_config(config: ml_collections.ConfigDict, overrides: dict,
   """config with one row's overrides at a fixed layer (a None value keeps the config's)."""
   changes = {path: value for path, value in overrides.items() if value is not None}
   return overridden(config, {"bridge.layer": str(layer), **changes})
-
-
-def matched_temperature(read, target: float) -> tuple[float, np.ndarray, bool]:
-  """(T, tokens, matched): bisection on T in T_RANGE for unigram entropy within ENTROPY_TOL
-  of target (entropy rises with T); `read(T)` -> tokens. Unmatched: the closest end."""
-  lo, hi = T_RANGE
-  best = None
-  for _ in range(T_ITERS):
-    t = float(np.sqrt(lo * hi))  # geometric midpoint
-    tokens = read(t)
-    h = metrics.unigram_entropy(tokens[:, 1:])
-    if best is None or abs(h - target) < abs(best[2] - target):
-      best = (t, tokens, h)
-    if abs(h - target) <= ENTROPY_TOL:
-      return t, tokens, True
-    lo, hi = (t, hi) if h < target else (lo, t)
-  return best[0], best[1], False
 
 
 def chosen_rows(config: ml_collections.ConfigDict) -> dict[str, dict]:

@@ -39,6 +39,12 @@ at t ∈ eval.noise_levels, and token recovery: real windows noised to t and
 denoised by the bridge, read with the current-token readout (class-mean head at
 l*, nearest embedding at l = 0), accuracy vs the real tokens.
 
+eval.match_entropy: every row read by `joint` (the generated bridge rows and the oracle) is
+drawn at the temperature that brings its unigram entropy within 0.1 nats of real text's
+(over the generated positions of the test set's windows for the generated rows, of each
+set's windows for the oracle; eval/entropy_match.py); those rows report `temperature` and
+`entropy_matched`.
+
 Writes workdir/report.json ({"results": {METHOD: metrics} for the first set,
 "sets": {set: {METHOD: metrics}}, "continuation": {METHOD: metrics}, "judges",
 "samples": {METHOD: [text, ...]}}), report.md and eval.png.
@@ -65,6 +71,7 @@ from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
 from dihal_jax.eval.calibration import CountSampler
 from dihal_jax.eval.diagnostics import bridge_diagnostics
+from dihal_jax.eval.entropy_match import matched_temperature
 from dihal_jax.eval.judges import Judges
 from dihal_jax.eval.rows import ROWS, RowGenerators
 from dihal_jax.hybrid.bridge_sampler import load_bridge
@@ -248,6 +255,8 @@ def load(config: ml_collections.ConfigDict, workdir: Path, methods: list[str],
   for model, load_model in MODEL_LOADERS.items():
     if model in models:
       load_model(gens, config, workdir, data.separator, progress)
+  if config.eval.match_entropy:
+    gens.entropy_reference = sets["test"][0]
   if any(m in ORACLE_ROWS for m in methods) and "main" not in gens.readers:
     gens.readers["main"] = Readout(backbone, interface_layer(config, workdir), data.separator)
   return Setup(config, methods, data, sets, train, judges, gens, jax.random.key(config.seed),
@@ -272,11 +281,13 @@ def sampling_key(key: jax.Array, task: str, method: str, seed: int) -> jax.Array
   return jax.random.fold_in(jax.random.fold_in(task_key, ROWS[method].stream), seed)
 
 
-def sample_rows(s: Setup, progress: bool) -> tuple[dict, dict]:
+def sample_rows(s: Setup, progress: bool) -> tuple[dict, dict, dict]:
   """({task: {method: tokens [seeds x num, n]}}, {method: the bridge's states of its first
-  unconditional seed}) for every generated row."""
+  unconditional seed}, {task: {method: {"temperature": mean over seeds, "temperature_seeds",
+  "entropy_matched": every seed's}}} of the rows read at matched entropy) for every generated
+  row."""
   tasks = task_inputs(s)
-  samples, states = {task: {} for task in tasks}, {}
+  samples, states, matched = {task: {} for task in tasks}, {}, {task: {} for task in tasks}
   bar = tqdm(total=len(s.generated) * len(tasks) * s.seeds, desc="eval: sampling",
              disable=not progress)
   for task, (given, start) in tasks.items():
@@ -285,12 +296,18 @@ def sample_rows(s: Setup, progress: bool) -> tuple[dict, dict]:
       for seed in range(s.seeds):
         tokens, h = s.gens(method, sampling_key(s.key, task, method, seed), given, start)
         parts.append(tokens)
+        if s.gens.matched_read is not None:
+          m = matched[task].setdefault(method, {"temperature_seeds": [],
+                                                "entropy_matched": True})
+          m["temperature_seeds"].append(s.gens.matched_read["temperature"])
+          m["temperature"] = float(np.mean(m["temperature_seeds"]))
+          m["entropy_matched"] &= s.gens.matched_read["entropy_matched"]
         if task == "unconditional" and seed == 0 and h is not None:
           states[method] = h
         bar.update()
       samples[task][method] = np.concatenate(parts)
   bar.close()
-  return samples, states
+  return samples, states, matched
 
 
 def ar_share(s: Setup, method: str) -> dict:
@@ -300,15 +317,25 @@ def ar_share(s: Setup, method: str) -> dict:
   return {"ar_share": 1.0 / s.gens.readout.block} if mode == "blockwise" else {}
 
 
-def window_rows(s: Setup, real: np.ndarray, real_h: dict) -> dict[str, np.ndarray]:
-  """{method: tokens} of the chosen rows read off one set's held-out windows."""
-  tokens = {}
+def window_rows(s: Setup, real: np.ndarray, real_h: dict) -> tuple[dict, dict]:
+  """({method: tokens} of the chosen rows read off one set's held-out windows, {method:
+  {"temperature", "entropy_matched"}} of those read by `joint` at matched entropy)."""
+  tokens, matched = {}, {}
   for method in (m for m in s.methods if m in WINDOW_ROWS):
+    if method == "real_text":
+      tokens[method] = real
+      continue
     mode = s.oracle_mode if method == "oracle" else "lm_head"
-    tokens[method] = real if method == "real_text" else oracle_tokens(
+    read = lambda t, mode=mode: oracle_tokens(  # noqa: E731
         s.gens.readers["main"], real_h["main"], jax.random.fold_in(s.key, ORACLE_STREAM),
-        s.gens.readout, mode, s.gens.head, s.gens.batch)
-  return tokens
+        s.gens.readout if t is None else dataclasses.replace(s.gens.readout, temperature=t),
+        mode, s.gens.head, s.gens.batch)
+    if mode == "joint" and s.config.eval.match_entropy:
+      t, tokens[method], ok = matched_temperature(read, metrics.unigram_entropy(real[:, 1:]))
+      matched[method] = {"temperature": t, "entropy_matched": ok}
+    else:
+      tokens[method] = read(None)
+  return tokens, matched
 
 
 def bridge_columns(s: Setup, method: str, states: np.ndarray, real: np.ndarray,
@@ -329,27 +356,30 @@ def bridge_columns(s: Setup, method: str, states: np.ndarray, real: np.ndarray,
 
 
 def set_rows(s: Setup, set_name: str, judged: dict, samples: dict, states: dict,
-             progress: bool) -> tuple[dict, dict]:
+             matched: dict, progress: bool) -> tuple[dict, dict]:
   """({method: metrics} against one evaluation set, {method: tokens} of its window rows).
-  Generated rows reuse their set-independent judges (`judged`) and add MAUVE."""
+  Generated rows reuse their set-independent judges (`judged`) and add MAUVE; rows read at
+  matched entropy add their temperature (`matched`: sample_rows' unconditional task)."""
   real, reference = s.sets[set_name]
   reference_features = s.judges.features(reference)
   real_h = {model: np.asarray(r.lower(real)) for model, r in s.gens.readers.items()}
-  windows = window_rows(s, real, real_h)
+  windows, windows_matched = window_rows(s, real, real_h)
   rows, diagnostics = {}, {}
   for method in tqdm(s.methods, desc=f"eval: judges ({set_name})", disable=not progress):
     if method in windows:
-      row = s.judges.score(windows[method], reference=reference_features)
+      row = {**s.judges.score(windows[method], reference=reference_features),
+             **windows_matched.get(method, {})}
     else:
       row = {**judged[method],
-             **s.judges.mauve(samples["unconditional"][method], reference_features)}
+             **s.judges.mauve(samples["unconditional"][method], reference_features),
+             **matched.get(method, {})}
     if method in states:
       row.update(bridge_columns(s, method, states[method], real, real_h, diagnostics))
     rows[method] = {**row, **ar_share(s, method)}
   return rows, windows
 
 
-def continuation_rows(s: Setup, samples: dict, progress: bool) -> dict:
+def continuation_rows(s: Setup, samples: dict, matched: dict, progress: bool) -> dict:
   """{method: metrics} of the continuation task, judged from the prefix on against the true
   continuations; `real_text` is the true continuations of other test windows."""
   test_real, test_reference = s.sets["test"]
@@ -361,7 +391,7 @@ def continuation_rows(s: Setup, samples: dict, progress: bool) -> dict:
                      else (samples["continuation"][method], s.seeds))
     row = s.judges.score(tokens, start=s.prefix, reference=truth, seeds=draws)
     row["first_token_repeat"] = float(np.mean(tokens[:, s.prefix] == tokens[:, s.prefix - 1]))
-    rows[method] = {**row, **ar_share(s, method)}
+    rows[method] = {**row, **ar_share(s, method), **matched.get(method, {})}
   return rows
 
 
@@ -414,14 +444,15 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path, *,
   each row against every evaluation set and the continuations; writes report.md, eval.png."""
   workdir, t0 = Path(workdir), time.perf_counter()
   s = load(config, workdir, chosen_methods(config), progress)
-  samples, states = sample_rows(s, progress)
+  samples, states, matched = sample_rows(s, progress)
   # A generated row is the same samples in every set: all but MAUVE is judged once.
   judged = {m: s.judges.score(samples["unconditional"][m], seeds=s.seeds) for m in s.generated}
   results, windows = {}, {}
   for set_name in s.sets:
     results[set_name], windows[set_name] = set_rows(s, set_name, judged, samples, states,
-                                                    progress)
-  continuation = continuation_rows(s, samples, progress) if s.prefix else {}
+                                                    matched["unconditional"], progress)
+  continuation = (continuation_rows(s, samples, matched.get("continuation", {}), progress)
+                  if s.prefix else {})
   texts = sample_texts(s, samples, windows["test"])
   report = assemble_report(s, results, continuation, texts, time.perf_counter() - t0)
   reports.write_text(workdir / "report.md", summary(report) + "\n")
@@ -434,12 +465,13 @@ COLUMNS = (("gen_ppl", "gen PPL (self-judged)"), ("ngram_ppl", "n-gram PPL"),
            ("mauve", "MAUVE"), ("entropy", "entropy"), ("distinct_2", "distinct-2"),
            ("diversity", "diversity"), ("memorization_4gram", "memo 4-gram"),
            ("spread_ratio", "spread"), ("val_mse", "val MSE"),
-           ("recovery_t0.3", "recovery t=0.3"), ("ar_share", "ar_share"))
+           ("recovery_t0.3", "recovery t=0.3"), ("ar_share", "ar_share"),
+           ("temperature", "T (entropy-matched)"))
 CONTINUATION_COLUMNS = (("mauve", "MAUVE"), ("ngram_ppl", "n-gram PPL"),
                         ("gen_ppl", "gen PPL (self-judged)"), ("entropy", "entropy"),
                         ("distinct_2", "distinct-2"),
                         ("first_token_repeat", "first token repeats prefix"),
-                        ("ar_share", "ar_share"))
+                        ("ar_share", "ar_share"), ("temperature", "T (entropy-matched)"))
 
 
 def summary(report: dict) -> str:

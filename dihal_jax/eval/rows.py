@@ -20,6 +20,8 @@ eval/evaluate.py's MODEL_LOADERS when it samples a model eval does not load yet.
   mdm_block            the same post-training as block diffusion (BD3-LM, blocks of
                        eval.mdm_block), sampled block by block, sample.mdm_steps per block.
 Batched generators give each batch the row's key folded with the batch's first row index.
+With eval.match_entropy a bridge row read by `joint` is drawn at the temperature that
+matches real text's unigram entropy (eval/entropy_match.py), recorded in `matched_read`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import numpy as np
 from dihal_jax.backbone.generate import generate
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge.token_head import ClassMeanHead
+from dihal_jax.eval import metrics
 from dihal_jax.eval.calibration import CountSampler
+from dihal_jax.eval.entropy_match import matched_temperature
 from dihal_jax.hybrid.readout import ReadoutConfig, nearest_embedding
 from dihal_jax.mdm import sampler as mdm_sampler
 from dihal_jax.mdm.train import TrainedMDM
@@ -57,6 +61,11 @@ class RowGenerators:
   unmask: str = "confidence"  # their sampler's order (sample.unmask)
   mdm_block: int = 0  # the semi-AR block of an MDM trained without blocks (sample.mdm_block)
   mdm_steps: int = 32  # reveal steps (per block) (sample.mdm_steps)
+  # eval.match_entropy: real test windows [N, n]; a joint-read bridge row's temperature is
+  # bisected to their unigram entropy over the generated positions. None: sample.temperature.
+  entropy_reference: np.ndarray | None = None
+  # The last call's matched read, {"temperature", "entropy_matched"}; None when not matched.
+  matched_read: dict | None = None
 
   def mode(self, method: str) -> str | None:
     """The readout mode of a bridge row (None for every other row)."""
@@ -66,6 +75,7 @@ class RowGenerators:
   def __call__(self, method: str, key: jax.Array, given: np.ndarray,
                prefix: int) -> tuple[np.ndarray, np.ndarray | None]:
     row = ROWS[method]
+    self.matched_read = None
     return row.make(self, row, key, np.asarray(given, np.int32), prefix)
 
 
@@ -156,8 +166,42 @@ def _bridge(read_batch) -> Make:
   return make
 
 
-_read_bridge = _bridge(_read_out)
+def _matched_joint(g: RowGenerators, row: Row, key, given, prefix):
+  """A joint-read bridge row at the temperature that brings the unigram entropy of its
+  generated positions within entropy_match.ENTROPY_TOL of real text's at the same positions
+  (g.entropy_reference): the states are sampled once (the keys `Readout.fill` uses), then
+  read at each T of the bisection."""
+  known = _known(given, prefix)
+  reader, bridge = g.readers[row.model], g.bridges[row.model]
+  parts = []  # (states, the read's key, rows) per batch
+  for k, rows in _batches(key, len(given), g.batch):
+    k_first, k_rest = jax.random.split(k)
+    h = bridge.sample(k_first, reader.lower(given[rows]), jnp.asarray(known[rows]),
+                      steps=g.readout.steps)
+    parts.append((h, jax.random.fold_in(k_rest, 0), rows))
+
+  def read(t: float) -> np.ndarray:
+    return np.concatenate([
+        np.where(known[rows], given[rows],
+                 np.asarray(reader.joint(h, g.head, k, g.readout, temperature=t)))
+        for h, k, rows in parts])
+
+  start = max(prefix, 1)
+  target = metrics.unigram_entropy(g.entropy_reference[:, start:])
+  t, tokens, matched = matched_temperature(read, target, start)
+  g.matched_read = {"temperature": t, "entropy_matched": matched}
+  return tokens, np.concatenate([np.asarray(h) for h, _, _ in parts])
+
+
+_read_each_batch = _bridge(_read_out)
 _round_bridge = _bridge(_round_to_embeddings)
+
+
+def _read_bridge(g: RowGenerators, row: Row, key, given, prefix):
+  """A bridge row read by its mode; a joint read at matched entropy with g.entropy_reference."""
+  if g.entropy_reference is not None and (row.mode or g.default_mode) == "joint":
+    return _matched_joint(g, row, key, given, prefix)
+  return _read_each_batch(g, row, key, given, prefix)
 
 # Streams 0-2 belong to the rows read off held-out windows (real_text, the oracles), which
 # draw no samples.

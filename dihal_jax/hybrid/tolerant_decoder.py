@@ -13,8 +13,8 @@ layers at positions 0..n-2. Every noise level is drawn, so the decoder learns ho
 trust a state: near t = 1 the estimate carries little of the window and the best answer is
 the language's own prior.
 
-`tolerant.enabled` trains the adapters after the bridge (`dihal train`, the ablation's
-`*_tolerant` rows) into WORKDIR/decoder, resumably through the shared training loop;
+`tolerant.enabled` trains the adapters after the bridge (`dihal train`, `dihal demo`, the
+ablation's `*_tolerant` rows) into WORKDIR/decoder, resumably through the shared training loop;
 `readout_backbone(workdir, backbone, mesh)` is the backbone every readout of that workdir
 uses (adapted when the workdir has a trained decoder). The layers below ℓ keep their
 weights, so the real lower layers (known positions, the oracles' true states) are unchanged.
@@ -39,7 +39,7 @@ from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge import diffusion
 from dihal_jax.bridge.checkpoint import read_latest, stored_config
 from dihal_jax.bridge.normalization import Normalizer
-from dihal_jax.bridge.train import cached_splits
+from dihal_jax.bridge.train import cached_splits, run_train
 from dihal_jax.bridge.train_step import (T_MIN, OptimConfig, TrainState, apply_gradients,
                                          init_train_state, make_optimizer, objective)
 from dihal_jax.bridge.training_loop import Cadence, run_loop
@@ -176,6 +176,18 @@ def train_tolerant_decoder(config: ml_collections.ConfigDict, workdir: str | Pat
   return {"steps": result.done, "val_nll": {
       "plain_on_estimates": nll(plain, val_hat), "adapted_on_estimates": nll(adapters, val_hat),
       "plain_on_true": nll(plain, val_h), "adapted_on_true": nll(adapters, val_h)}}
+
+
+def train_with_decoder(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       progress: bool = True) -> dict:
+  """The bridge at config's layer into workdir, then, with tolerant.enabled, its decoder:
+  the bridge's report (bridge/train.py), with "tolerant_decoder" when the decoder trained.
+  What `dihal train` and `dihal demo` run; SIGTERM inside the decoder raises
+  TrainingInterrupted (saved; the same command resumes)."""
+  report = run_train(config, workdir, progress=progress)
+  if config.tolerant.enabled and not report["interrupted"]:
+    report["tolerant_decoder"] = train_tolerant_decoder(config, workdir, progress=progress)
+  return report
 
 
 def load_adapters(workdir: str | Path, backbone: Decoder,
