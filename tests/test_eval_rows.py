@@ -60,7 +60,8 @@ def test_a_joint_row_at_matched_entropy_reads_the_states_the_plain_row_reads(mod
   def gens(reference, temperature=1.0):
     return RowGenerators(model, None, ReadoutConfig(temperature=temperature, beta=1.0),
                          "joint", 4, bridges={"main": MeanBridge()},
-                         readers={"main": reader}, head=head, entropy_reference=reference)
+                         readers={"main": reader}, heads={"main": head},
+                         entropy_reference=reference)
 
   given = np.full((num, n), sep, np.int32)
   key = jax.random.key(3)
@@ -84,3 +85,39 @@ def test_a_joint_row_at_matched_entropy_reads_the_states_the_plain_row_reads(mod
   # a row read another way is never matched
   g("dihal_identity", key, given, 1)
   assert g.matched_read is None
+
+
+def test_each_bridge_row_is_read_with_its_own_bridges_current_token_head(models):
+  """`dihal_l0` read by `identity` uses the l = 0 bridge's head (class means of embeddings),
+  `dihal_identity` the l* bridge's: NumPy nearest class mean of the states each sampled."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from dihal_jax.bridge.normalization import Normalizer
+  from dihal_jax.bridge.token_head import ClassMeanHead
+  from dihal_jax.eval.rows import RowGenerators
+  from dihal_jax.hybrid.readout import Readout, ReadoutConfig
+
+  model, _ = models
+  sep, n, d = 1, 16, model.cfg.hidden_size
+  train = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (8, n)).astype(np.int32)
+  norm = Normalizer("per_channel", np.zeros(d, np.float32), np.ones(d, np.float32))
+  readers = {"main": Readout(model, 1, sep), "l0": Readout(model, 0, sep)}
+  heads = {m: ClassMeanHead.fit(train, np.asarray(r.lower(train)), norm,
+                                vocab_size=model.cfg.vocab_size) for m, r in readers.items()}
+
+  class NoiseBridge:
+    def sample(self, key, known_h, known, *, steps=None):
+      return jnp.where(known[..., None], known_h, jax.random.normal(key, known_h.shape))
+
+  g = RowGenerators(model, None, ReadoutConfig(), "identity", 4,
+                    bridges={"main": NoiseBridge(), "l0": NoiseBridge()}, readers=readers,
+                    heads=heads)
+  given = np.full((6, n), sep, np.int32)
+  for method, model_name in (("dihal_l0", "l0"), ("dihal_identity", "main")):
+    tokens, states = g(method, jax.random.key(0), given, 1)
+    head = heads[model_name]
+    z = np.asarray(states, np.float64)[:, 1:]
+    dist = ((z[:, :, None, :] - head.means.astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(tokens[:, 1:], head.ids[dist.argmin(-1)])

@@ -39,7 +39,7 @@ def test_a_sweep_run_stops_the_sweep(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("loader, stage, patched", [
-    ("l0", "the l = 0 bridge", "run_train"),
+    ("l0", "the l = 0 bridge", "train_with_decoder"),
     ("mdm", "the mdm model", "run_mdm"),
     ("mdm_block", "the mdm_block model", "run_mdm"),
 ])

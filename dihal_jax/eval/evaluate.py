@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from dihal_jax import reports
 from dihal_jax.backbone import checkpoint
-from dihal_jax.bridge.train import interface_layer, run_train
+from dihal_jax.bridge.train import interface_layer
 from dihal_jax.bridge.training_loop import TrainingInterrupted
 from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
@@ -77,7 +77,7 @@ from dihal_jax.eval.rows import ROWS, RowGenerators
 from dihal_jax.hybrid.bridge_sampler import load_bridge
 from dihal_jax.hybrid.readout import Readout, nearest_embedding
 from dihal_jax.hybrid.sample import current_token_head, readout_config
-from dihal_jax.hybrid.tolerant_decoder import readout_backbone
+from dihal_jax.hybrid.tolerant_decoder import readout_backbone, train_with_decoder
 from dihal_jax.mdm import sampler as mdm_sampler
 from dihal_jax.mdm.train import load_mdm, run_mdm
 from dihal_jax.overrides import overridden
@@ -180,17 +180,21 @@ def _load_main(gens: RowGenerators, config, workdir: Path, separator: int, progr
   gens.bridges["main"] = load_bridge(workdir, mesh, kind=config.bridge.denoiser)
   gens.readers["main"] = Readout(readout_backbone(workdir, gens.backbone, mesh),
                                  gens.bridges["main"].layer, separator)
-  gens.head = current_token_head(gens.bridges["main"], gens.backbone.cfg.vocab_size)
+  gens.heads["main"] = current_token_head(gens.bridges["main"], gens.backbone.cfg.vocab_size)
 
 
 def _load_l0(gens: RowGenerators, config, workdir: Path, separator: int, progress: bool):
-  """The l = 0 bridge of the same protocol, trained into workdir/l0 if needed."""
-  if run_train(overridden(config, {"bridge.layer": "0"}), workdir / "l0",
-               progress=progress)["interrupted"]:
+  """The l = 0 bridge of the same protocol (and, with tolerant.enabled, its decoder), trained
+  into workdir/l0 if needed; its own current-token head when the readout needs one."""
+  if train_with_decoder(overridden(config, {"bridge.layer": "0"}), workdir / "l0",
+                        progress=progress)["interrupted"]:
     raise TrainingInterrupted("the l = 0 bridge")
-  gens.bridges["l0"] = load_bridge(workdir / "l0", mesh_and_rules(config)[0],
-                                   kind=config.bridge.denoiser)
-  gens.readers["l0"] = Readout(gens.backbone, 0, separator)
+  mesh = mesh_and_rules(config)[0]
+  gens.bridges["l0"] = load_bridge(workdir / "l0", mesh, kind=config.bridge.denoiser)
+  gens.readers["l0"] = Readout(readout_backbone(workdir / "l0", gens.backbone, mesh), 0,
+                               separator)
+  if config.sample.readout in ("identity", "joint"):
+    gens.heads["l0"] = current_token_head(gens.bridges["l0"], gens.backbone.cfg.vocab_size)
 
 
 def _mdm_loader(name: str, block):
@@ -260,7 +264,7 @@ def load(config: ml_collections.ConfigDict, workdir: Path, methods: list[str],
   if any(m in ORACLE_ROWS for m in methods) and "main" not in gens.readers:
     gens.readers["main"] = Readout(backbone, interface_layer(config, workdir), data.separator)
   return Setup(config, methods, data, sets, train, judges, gens, jax.random.key(config.seed),
-               oracle_mode(config.sample.readout, gens.head))
+               oracle_mode(config.sample.readout, gens.heads.get("main")))
 
 
 def task_inputs(s: Setup) -> dict[str, tuple[np.ndarray, int]]:
@@ -329,7 +333,7 @@ def window_rows(s: Setup, real: np.ndarray, real_h: dict) -> tuple[dict, dict]:
     read = lambda t, mode=mode: oracle_tokens(  # noqa: E731
         s.gens.readers["main"], real_h["main"], jax.random.fold_in(s.key, ORACLE_STREAM),
         s.gens.readout if t is None else dataclasses.replace(s.gens.readout, temperature=t),
-        mode, s.gens.head, s.gens.batch)
+        mode, s.gens.heads.get("main"), s.gens.batch)
     if mode == "joint" and s.config.eval.match_entropy:
       t, tokens[method], ok = matched_temperature(read, metrics.unigram_entropy(real[:, 1:]))
       matched[method] = {"temperature": t, "entropy_matched": ok}
@@ -346,7 +350,7 @@ def bridge_columns(s: Setup, method: str, states: np.ndarray, real: np.ndarray,
   bridge = s.gens.bridges[model]
   if model not in diagnostics:
     decode = ((lambda h: nearest_embedding(h, s.gens.backbone.embed[...])) if model == "l0"
-              else s.gens.head)
+              else s.gens.heads["main"])
     diagnostics[model] = bridge_diagnostics(
         bridge, real, real_h[model], {"recovery": decode}, tuple(s.config.eval.noise_levels),
         jax.random.fold_in(s.key, DIAGNOSTICS_STREAM))

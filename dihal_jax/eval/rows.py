@@ -56,7 +56,8 @@ class RowGenerators:
   batch: int
   bridges: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> TrainedBridge
   readers: dict = dataclasses.field(default_factory=dict)  # "main" / "l0" -> Readout
-  head: ClassMeanHead | None = None  # the current-token head (identity / joint readouts)
+  # "main" / "l0" -> each bridge's current-token head (identity / joint readouts)
+  heads: dict[str, ClassMeanHead] = dataclasses.field(default_factory=dict)
   mdms: dict = dataclasses.field(default_factory=dict)  # "mdm" / "mdm_block" -> TrainedMDM
   unmask: str = "confidence"  # their sampler's order (sample.unmask)
   mdm_block: int = 0  # the semi-AR block of an MDM trained without blocks (sample.mdm_block)
@@ -141,7 +142,7 @@ def _read_out(g: RowGenerators, row: Row, key, tokens, known) -> dict:
   """One batch of the bridge's states, read out by the row's readout mode."""
   return g.readers[row.model].fill(g.bridges[row.model], key, tokens, known,
                                    mode=row.mode or g.default_mode, cfg=g.readout,
-                                   identity_head=g.head)
+                                   identity_head=g.heads.get(row.model))
 
 
 def _round_to_embeddings(g: RowGenerators, row: Row, key, tokens, known) -> dict:
@@ -183,7 +184,8 @@ def _matched_joint(g: RowGenerators, row: Row, key, given, prefix):
   def read(t: float) -> np.ndarray:
     return np.concatenate([
         np.where(known[rows], given[rows],
-                 np.asarray(reader.joint(h, g.head, k, g.readout, temperature=t)))
+                 np.asarray(reader.joint(h, g.heads[row.model], k, g.readout,
+                                         temperature=t)))
         for h, k, rows in parts])
 
   start = max(prefix, 1)
