@@ -71,7 +71,7 @@ from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
 from dihal_jax.eval.calibration import CountSampler
 from dihal_jax.eval.diagnostics import bridge_diagnostics
-from dihal_jax.eval.entropy_match import matched_temperature
+from dihal_jax.eval.entropy_match import matched_joint_read
 from dihal_jax.eval.judges import Judges
 from dihal_jax.eval.rows import ROWS, RowGenerators
 from dihal_jax.hybrid.bridge_sampler import load_bridge
@@ -325,21 +325,30 @@ def window_rows(s: Setup, real: np.ndarray, real_h: dict) -> tuple[dict, dict]:
   """({method: tokens} of the chosen rows read off one set's held-out windows, {method:
   {"temperature", "entropy_matched"}} of those read by `joint` at matched entropy)."""
   tokens, matched = {}, {}
+  key = jax.random.fold_in(s.key, ORACLE_STREAM)
   for method in (m for m in s.methods if m in WINDOW_ROWS):
+    mode = s.oracle_mode if method == "oracle" else "lm_head"
     if method == "real_text":
       tokens[method] = real
-      continue
-    mode = s.oracle_mode if method == "oracle" else "lm_head"
-    read = lambda t, mode=mode: oracle_tokens(  # noqa: E731
-        s.gens.readers["main"], real_h["main"], jax.random.fold_in(s.key, ORACLE_STREAM),
-        s.gens.readout if t is None else dataclasses.replace(s.gens.readout, temperature=t),
-        mode, s.gens.heads.get("main"), s.gens.batch)
-    if mode == "joint" and s.config.eval.match_entropy:
-      t, tokens[method], ok = matched_temperature(read, metrics.unigram_entropy(real[:, 1:]))
+    elif mode == "joint" and s.config.eval.match_entropy:
+      tokens[method], t, ok = matched_oracle(s, real, real_h["main"], key)
       matched[method] = {"temperature": t, "entropy_matched": ok}
     else:
-      tokens[method] = read(None)
+      tokens[method] = oracle_tokens(s.gens.readers["main"], real_h["main"], key, s.gens.readout,
+                                     mode, s.gens.heads.get("main"), s.gens.batch)
   return tokens, matched
+
+
+def matched_oracle(s: Setup, real: np.ndarray, real_h: np.ndarray, key) -> tuple:
+  """(tokens, T, matched): the joint oracle of the true states real_h at the temperature that
+  matches real's entropy; each batch drawn as `oracle_tokens` draws it at that T."""
+  reader, n = s.gens.readers["main"], real_h.shape[1]
+  given, known = reader.template(len(real_h), n)
+  parts = [(real_h[i:i + s.gens.batch],
+            jax.random.fold_in(jax.random.split(jax.random.fold_in(key, i))[1], 0),
+            slice(i, i + s.gens.batch)) for i in range(0, len(real_h), s.gens.batch)]
+  return matched_joint_read(reader, s.gens.heads["main"], parts, given, known, real, 1,
+                            s.gens.readout)
 
 
 def bridge_columns(s: Setup, method: str, states: np.ndarray, real: np.ndarray,

@@ -36,9 +36,8 @@ import numpy as np
 from dihal_jax.backbone.generate import generate
 from dihal_jax.backbone.model import Decoder
 from dihal_jax.bridge.token_head import ClassMeanHead
-from dihal_jax.eval import metrics
 from dihal_jax.eval.calibration import CountSampler
-from dihal_jax.eval.entropy_match import matched_temperature
+from dihal_jax.eval.entropy_match import matched_joint_read
 from dihal_jax.hybrid.readout import ReadoutConfig, nearest_embedding
 from dihal_jax.mdm import sampler as mdm_sampler
 from dihal_jax.mdm.train import TrainedMDM
@@ -171,7 +170,7 @@ def _matched_joint(g: RowGenerators, row: Row, key, given, prefix):
   """A joint-read bridge row at the temperature that brings the unigram entropy of its
   generated positions within entropy_match.ENTROPY_TOL of real text's at the same positions
   (g.entropy_reference): the states are sampled once (the keys `Readout.fill` uses), then
-  read at each T of the bisection."""
+  read at each T of the bisection (entropy_match.matched_joint_read)."""
   known = _known(given, prefix)
   reader, bridge = g.readers[row.model], g.bridges[row.model]
   parts = []  # (states, the read's key, rows) per batch
@@ -180,17 +179,8 @@ def _matched_joint(g: RowGenerators, row: Row, key, given, prefix):
     h = bridge.sample(k_first, reader.lower(given[rows]), jnp.asarray(known[rows]),
                       steps=g.readout.steps)
     parts.append((h, jax.random.fold_in(k_rest, 0), rows))
-
-  def read(t: float) -> np.ndarray:
-    return np.concatenate([
-        np.where(known[rows], given[rows],
-                 np.asarray(reader.joint(h, g.heads[row.model], k, g.readout,
-                                         temperature=t)))
-        for h, k, rows in parts])
-
-  start = max(prefix, 1)
-  target = metrics.unigram_entropy(g.entropy_reference[:, start:])
-  t, tokens, matched = matched_temperature(read, target, start)
+  tokens, t, matched = matched_joint_read(reader, g.heads[row.model], parts, given, known,
+                                          g.entropy_reference, max(prefix, 1), g.readout)
   g.matched_read = {"temperature": t, "entropy_matched": matched}
   return tokens, np.concatenate([np.asarray(h) for h, _, _ in parts])
 
