@@ -57,8 +57,8 @@ from dihal_jax.data.dataset import Data, cache_root
 from dihal_jax.errors import UserInputError
 from dihal_jax.eval import metrics
 from dihal_jax.eval.calibration import CountSampler
-from dihal_jax.eval.entropy_match import ENTROPY_TOL, matched_temperature
 from dihal_jax.eval.diagnostics import bridge_diagnostics
+from dihal_jax.eval.entropy_match import ENTROPY_TOL, matched_temperature
 from dihal_jax.eval.evaluate import evaluation_sets
 from dihal_jax.eval.judges import Judges
 from dihal_jax.hybrid.bridge_sampler import TrainedBridge, load_bridge
